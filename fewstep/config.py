@@ -1,0 +1,287 @@
+"""Typed run configuration: one dataclass per component, strict dict round trips and ``key=value`` overrides.
+
+A run is described by a :class:`RunConfig`. Recipes (``fewstep.recipes``) are functions returning one;
+the CLI selects a recipe and overrides fields with ``--set section.field=value``. Unknown keys and
+values of the wrong type are errors that name the key and suggest the closest valid ones. The objective
+and backbone sections are polymorphic: their dataclass is the one the named component declares, so
+``objective.label_dropout`` exists only for objectives that have it.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from fewstep.registry import closest
+
+
+class ConfigError(ValueError):
+    """A config key, value or type that does not fit the dataclass it targets."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Component configs
+# ---------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """Base of every objective's config; subclasses add the objective's own fields."""
+
+    name: str
+
+
+@dataclass(kw_only=True)
+class BackboneConfig:
+    """Base of every backbone's config; subclasses add architecture fields and ``build``."""
+
+    name: str
+
+    def build(self, data: "DataSpec") -> Any:  # noqa: F821 (DataSpec lives in fewstep.data)
+        raise NotImplementedError(f"{type(self).__name__} does not define build()")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training images come from.
+
+    Attributes:
+        name: a registered dataset (``fashion-mnist``), ``imagefolder:PATH`` or ``hub:NAME``.
+        root: directory holding the dataset's files (default: the dataset's own search path).
+        split: ``train`` or ``test`` (where the dataset has both).
+        resolution: square side to centre-crop and resize to (image folders and hub datasets);
+            ``None`` keeps the dataset's native size (Fashion-MNIST is padded to 32).
+        num_workers: DataLoader worker processes per device.
+    """
+
+    name: str = "fashion-mnist"
+    root: str | None = None
+    split: str = "train"
+    resolution: int | None = None
+    num_workers: int = 0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation and bookkeeping. Durations and intervals are in kimg (thousands of images seen).
+
+    Attributes:
+        total_kimg: training length in thousands of images.
+        batch: global images per optimizer step (over all devices and accumulation rounds).
+        batch_per_gpu: images per device per forward; ``None`` means ``batch / num_devices`` (no
+            gradient accumulation). Accumulation rounds = batch / (num_devices * batch_per_gpu).
+        lr, betas, eps, weight_decay: AdamW settings (constant learning rate).
+        grad_clip: max global gradient norm, or ``None`` for no clipping.
+        ema_betas: evaluation EMA tracks, name → per-step decay (e.g. ``{"ema": 0.9999}``).
+        precision: ``bf16`` (autocast on CUDA, fp32 master weights) or ``fp32``. CPU always runs fp32.
+        allow_tf32: allow TF32 matmuls on CUDA.
+        status_kimg, checkpoint_kimg, sample_kimg: intervals for the status line (and JSONL log),
+            checkpoints and sample grids; 0 disables checkpoints/grids at intervals (a final
+            checkpoint is always written).
+        keep_checkpoints: number of most recent checkpoints kept.
+        seed: global seed; per-device streams derive from it.
+    """
+
+    total_kimg: float = 10.0
+    batch: int = 64
+    batch_per_gpu: int | None = None
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ema_betas: dict[str, float] = field(default_factory=lambda: {"ema": 0.9999})
+    precision: Literal["bf16", "fp32"] = "bf16"
+    allow_tf32: bool = False
+    status_kimg: float = 1.0
+    checkpoint_kimg: float = 0.0
+    sample_kimg: float = 0.0
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """Sampling for grids during training and the ``sample`` command's defaults.
+
+    Attributes:
+        nfe: numbers of function evaluations to show, one grid block per value.
+        num_images: images per grid block (seeds 0 … num_images−1).
+        weights: ``online`` or the name of an EMA track in ``train.ema_betas``.
+        guidance: CFG scale w at sampling (objectives with CFG at sampling); ``None`` = objective default.
+    """
+
+    nfe: tuple[int, ...] = (1, 4)
+    num_images: int = 64
+    weights: str = "ema"
+    guidance: float | None = None
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything needed to reproduce a run; saved as ``config.json`` in the run directory."""
+
+    recipe: str
+    objective: ObjectiveConfig
+    backbone: BackboneConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dict round trips
+# ---------------------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def default_objective_config(name: str) -> ObjectiveConfig:
+    """The default config of the objective registered as ``name``."""
+    from fewstep.registry import objectives
+
+    return objectives.get(name).Config(name=name)
+
+
+def default_backbone_config(name: str, base: BackboneConfig | None = None) -> BackboneConfig:
+    """The config of backbone flavour ``name``; switches of ``base`` are kept when it is the same family."""
+    from fewstep.registry import backbones
+
+    return backbones.get(name)(base)
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a :class:`RunConfig` from :func:`to_dict` output; unknown keys are errors."""
+    data = dict(data)
+    for section in ("objective", "backbone"):
+        if not isinstance(data.get(section), dict) or "name" not in data[section]:
+            raise ConfigError(f"config section {section!r} must be a dict with a 'name'")
+    objective = default_objective_config(data["objective"]["name"])
+    backbone = default_backbone_config(data["backbone"]["name"])
+    out = RunConfig(recipe=str(data.get("recipe", "?")), objective=objective, backbone=backbone)
+    known = {f.name for f in fields(RunConfig)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(_unknown(key, sorted(known), "run config"))
+    for section in ("objective", "backbone", "data", "train", "sample"):
+        if section in data:
+            setattr(out, section, _update(getattr(out, section), data[section], section))
+    return out
+
+
+def _update(cfg: Any, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(type(cfg))
+    names = [f.name for f in fields(cfg)]
+    changes = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(_unknown(key, names, where))
+        changes[key] = coerce(value, hints[key], f"{where}.{key}")
+    return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overrides: "section.field=value"
+# ---------------------------------------------------------------------------------------------------
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.field=value`` strings; values are Python literals or bare strings.
+
+    Examples: ``train.lr=2e-4``, ``train.betas=(0.9,0.99)``, ``backbone.qk_norm=false``,
+    ``train.ema_betas={'ema':0.999}``, ``train.grad_clip=none``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        sections = [f.name for f in fields(RunConfig) if f.name != "recipe"]
+        if len(parts) != 2 or parts[0] not in sections:
+            hint = closest(parts[0], sections)
+            raise ConfigError(f"override key {key!r} must be section.field with section one of "
+                              f"{', '.join(sections)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        section, name = parts
+        sub = getattr(cfg, section)
+        if name == "name" and section in ("objective", "backbone"):
+            raise ConfigError(f"change the {section} with --{section}, not --set {section}.name")
+        setattr(cfg, section, _update(sub, {name: parse_literal(raw)}, section))
+    return cfg
+
+
+def parse_literal(raw: str) -> Any:
+    """A Python literal if ``raw`` is one (``1e-4``, ``(1, 2)``, ``true``), else the string itself."""
+    text = raw.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check and convert ``value`` to ``annotation`` (int, float, bool, str, Optional, tuple, dict, Literal)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = (value,)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where} needs {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a dict, got {value!r}")
+        return {coerce(k, args[0], where): coerce(v, args[1], where) for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            return str(value)
+        return value
+    if annotation is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported config type {annotation!r}")
+
+
+def _unknown(key: str, names: list[str], where: str) -> str:
+    hint = closest(key, names)
+    msg = f"unknown key {key!r} in {where}"
+    if hint:
+        msg += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
+    return msg + f" (valid: {', '.join(names)})"

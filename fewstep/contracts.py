@@ -1,0 +1,209 @@
+"""The contracts every component meets: backbones, objectives, datasets.
+
+Time convention (one for the whole toolkit): ``t = 1`` is noise, ``t = 0`` is data, and
+``x_t = (1 − t)·x + t·ε`` with ε ~ N(0, I). A jump goes from time ``t`` to an earlier time ``s ≤ t``.
+Objectives defined in other conventions (TrigFlow, EDM σ, SiT's reversed t) convert at their own boundary.
+
+Labels: class ids are int64 in ``[0, num_classes)``; the id ``num_classes`` is the *null* label used for
+label dropout and unconditional (CFG) evaluations.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.config import ObjectiveConfig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSpec:
+    """What a dataset yields, so backbones and recipes are configured from it.
+
+    Attributes:
+        name: dataset name as given to ``--data``.
+        channels: C of each (C, H, W) item.
+        resolution: H = W of each item (after any padding).
+        num_classes: number of classes (0 for unconditional data).
+        num_items: number of items in the split.
+        kind: ``pixels`` (values in [−1, 1]) or ``latents``.
+    """
+
+    name: str
+    channels: int
+    resolution: int
+    num_classes: int
+    num_items: int
+    kind: Literal["pixels", "latents"] = "pixels"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backbones
+# ---------------------------------------------------------------------------------------------------
+@runtime_checkable
+class Backbone(Protocol):
+    """A network ``F(x, t, s, y, **cond)``; it embeds its inputs and knows nothing about objectives.
+
+    Shapes: ``x`` (B, C, H, W); ``t`` and ``s`` (B,) floats in [0, 1]; ``y`` (B,) int64 labels with
+    ``num_classes`` meaning null, or ``None`` (all null). ``s=None`` means a one-time call (the gap
+    embedder, if any, is skipped). Extra per-sample conditions arrive as keyword tensors of shape (B,),
+    e.g. ``guidance`` (a scalar in [0, 1], TVM feeds β = 1/w). Returns a tensor shaped like ``x``.
+    Must be JVP-safe: a pure function of its inputs, with no in-place ops on them.
+    """
+
+    in_channels: int
+    input_size: int
+    num_classes: int
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
+                **cond: Tensor) -> Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Objectives
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ObjectiveNeeds:
+    """What an objective requires, so the trainer, sampler and sweeps treat all objectives alike.
+
+    Attributes:
+        time_inputs: 1 if the backbone is called as F(x, t); 2 if as F(x, t, s) (gap embedder).
+        jvp: whether the loss runs forward-mode AD through the backbone.
+        teacher: ``none``; ``stopgrad`` (targets from the online net without gradient); ``ema``
+            (targets from an EMA teacher the objective owns).
+        cfg: ``none``; ``sampling`` (CFG mixes conditional and null passes at sampling: 2 evaluations
+            per step); ``distilled`` (guidance is learned in training; one evaluation per step).
+        guidance_input: whether the backbone needs a guidance embedder.
+    """
+
+    time_inputs: Literal[1, 2]
+    jvp: bool
+    teacher: Literal["none", "stopgrad", "ema"]
+    cfg: Literal["none", "sampling", "distilled"]
+    guidance_input: bool = False
+
+
+@dataclass
+class LossOutput:
+    """Result of one objective forward.
+
+    Attributes:
+        loss: scalar to back-propagate (mean of ``per_sample`` unless the objective says otherwise).
+        per_sample: (B,) per-sample losses, detached or not.
+        logs: scalar diagnostics (floats or 0-d tensors), e.g. unweighted terms, weight means.
+    """
+
+    loss: Tensor
+    per_sample: Tensor
+    logs: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+@dataclass
+class Condition:
+    """Per-sample conditioning for one sampling jump.
+
+    Attributes:
+        y: (B,) int64 labels (``num_classes`` = null) or ``None`` for unconditional models.
+        guidance: (B,) CFG scale w ≥ 1, or ``None`` for the objective's default.
+    """
+
+    y: Tensor | None = None
+    guidance: Tensor | None = None
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with gradients off, in eval mode (EMA tracks and teachers)."""
+    twin = copy.deepcopy(module)
+    twin.requires_grad_(False)
+    return twin.eval()
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, online: nn.Module, beta: float) -> None:
+    """``p_ema ← β·p_ema + (1 − β)·p`` over parameters; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    online_params = [p.detach() for p in online.parameters()]
+    torch._foreach_lerp_(ema_params, online_params, 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), online.buffers()):
+        b_ema.copy_(b)
+
+
+class Objective(nn.Module):
+    """Base class: an ``nn.Module`` that owns the backbone, its EMA tracks and any teacher.
+
+    Accelerate prepares the objective (not the backbone), so every JVP runs inside the DDP/FSDP
+    forward. Subclasses set ``Config`` and ``needs`` and implement :meth:`forward` and :meth:`step`.
+
+    Args:
+        backbone: the trained network (see :class:`Backbone`).
+        config: the objective's own config dataclass.
+        num_classes: number of data classes (0 = unconditional); label ``num_classes`` is null.
+        ema_betas: evaluation EMA tracks, name → per-step decay. Never used in the loss.
+    """
+
+    Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+    needs: ClassVar[ObjectiveNeeds]
+
+    def __init__(self, backbone: nn.Module, config: ObjectiveConfig, num_classes: int,
+                 ema_betas: dict[str, float] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.num_classes = num_classes
+        self.ema_betas = dict(ema_betas or {})
+        for name in self.ema_betas:
+            if not name.isidentifier() or name == "online":
+                raise ValueError(f"EMA track name {name!r} must be an identifier other than 'online'")
+        self.ema = nn.ModuleDict({name: frozen_copy(backbone) for name in self.ema_betas})
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, y: Tensor | None, generator: torch.Generator | None = None) -> LossOutput:
+        """Loss on a batch of data ``x`` (B, C, H, W) with labels ``y`` (B,) or ``None``."""
+        raise NotImplementedError
+
+    def teacher_tracks(self) -> list[tuple[nn.Module, float]]:
+        """(module, beta) pairs of EMA teachers the loss uses; updated after every optimizer step."""
+        return []
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Called after every optimizer step: updates teacher and evaluation EMAs."""
+        for module, beta in self.teacher_tracks():
+            ema_update(module, self.backbone, beta)
+        for name, beta in self.ema_betas.items():
+            ema_update(self.ema[name], self.backbone, beta)
+
+    def flops_per_sample(self, forward_flops: float) -> float:
+        """Model FLOPs of one training sample given one backbone forward's FLOPs (forward = 1 F,
+        backward = 2 F). Objectives with JVPs and teachers override this."""
+        return 3.0 * forward_flops
+
+    # -- sampling -------------------------------------------------------------------------------
+    def sampling_net(self, weights: str = "online") -> nn.Module:
+        """The backbone to sample with: ``online`` or the name of an EMA track."""
+        if weights == "online":
+            return self.backbone
+        if weights not in self.ema:
+            valid = ", ".join(["online", *self.ema.keys()])
+            raise KeyError(f"no weights named {weights!r} (valid: {valid})")
+        return self.ema[weights]
+
+    def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None) -> Tensor:
+        """One jump from time ``t`` to ``s ≤ t`` (both (B,)); returns the new x, shaped like ``x``."""
+        raise NotImplementedError
+
+    def evaluations_per_step(self, cond: Condition) -> int:
+        """Backbone evaluations one :meth:`step` costs (2 for CFG at sampling)."""
+        return 1
+
+    def default_schedule(self, nfe: int) -> list[float]:
+        """Descending times from 1 (noise) to 0 (data) for ``nfe`` jumps; uniform by default."""
+        if nfe < 1:
+            raise ValueError(f"nfe must be ≥ 1, got {nfe}")
+        return [1.0 - i / nfe for i in range(nfe + 1)]

@@ -1,0 +1,169 @@
+"""Explicit, listable registries for objectives, backbones, datasets and recipes.
+
+In-tree components register with a decorator when their package is imported::
+
+    from fewstep.registry import objectives
+
+    @objectives.register("fm", summary="flow matching")
+    class FlowMatching(Objective): ...
+
+Third-party packages register through entry points in the groups ``fewstep.objectives``,
+``fewstep.backbones``, ``fewstep.datasets`` and ``fewstep.recipes``; each entry point names the object
+to register (``mymethod = "my_pkg.module:MyObjective"``). Entry points are loaded lazily, on the first
+lookup or listing. A duplicate name is an error that names both sources; a plugin that fails to load is
+recorded as unavailable with its error and everything else keeps working.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+
+class RegistryError(LookupError):
+    """An unknown, unavailable or duplicate component name."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component.
+
+    Attributes:
+        kind: registry kind, e.g. ``"objective"``.
+        name: the name users type, e.g. ``"tvm"``.
+        obj: the registered class or function.
+        source: the distribution it came from (``"fewstep"`` for in-tree components).
+        summary: one line for ``fewstep list``.
+    """
+
+    kind: str
+    name: str
+    obj: Any
+    source: str
+    summary: str
+
+
+def closest(name: str, choices: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` names from ``choices`` that look like ``name`` (for "did you mean" messages)."""
+    return difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+
+
+def _entry_points(group: str) -> list[importlib.metadata.EntryPoint]:
+    """Installed entry points of one group (patched in tests to inject fake plugins)."""
+    return list(importlib.metadata.entry_points(group=group))
+
+
+class Registry:
+    """Name → component map of one kind.
+
+    Args:
+        kind: singular noun used in messages (``"objective"``).
+        builtin_module: module whose import registers the in-tree components (imported lazily).
+        group: entry-point group for third-party components.
+    """
+
+    def __init__(self, kind: str, builtin_module: str, group: str):
+        self.kind, self.builtin_module, self.group = kind, builtin_module, group
+        self._entries: dict[str, Entry] = {}
+        self._unavailable: dict[str, str] = {}   # name -> error message of a broken plugin
+        self._planned: dict[str, str] = {}       # name -> why it cannot be used yet
+        self._loaded = False
+
+    # -- registration ---------------------------------------------------------------------------
+    def register(self, name: str, *, summary: str = "", source: str = "fewstep") -> Callable[[Any], Any]:
+        """Decorator registering a class or function under ``name``; returns the object unchanged."""
+
+        def decorator(obj: Any) -> Any:
+            self.add(name, obj, summary=summary, source=source)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: Any, *, summary: str = "", source: str = "fewstep") -> None:
+        """Register ``obj`` under ``name``; a name already taken is a :class:`RegistryError`."""
+        if name in self._entries:
+            old = self._entries[name]
+            raise RegistryError(
+                f"{self.kind} name {name!r} is registered twice: by {old.source!r} ({_qualname(old.obj)}) "
+                f"and by {source!r} ({_qualname(obj)}); rename one of them")
+        if not summary:
+            summary = ((getattr(obj, "__doc__", None) or "").strip().splitlines() or [""])[0]
+        self._entries[name] = Entry(self.kind, name, obj, source, summary)
+        self._planned.pop(name, None)
+
+    def plan(self, name: str, reason: str) -> None:
+        """Reserve a name for a component that is known but not usable in this version."""
+        if name not in self._entries:
+            self._planned[name] = reason
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        """The object registered under ``name``; unknown names fail with the closest valid ones."""
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry:
+        self._load()
+        if name in self._entries:
+            return self._entries[name]
+        if name in self._unavailable:
+            raise RegistryError(f"{self.kind} {name!r} is unavailable: its plugin failed to load: "
+                                f"{self._unavailable[name]}")
+        if name in self._planned:
+            raise RegistryError(f"{self.kind} {name!r} is not implemented yet: {self._planned[name]}. "
+                                f"Available {self.kind}s: {', '.join(self.names())}")
+        hint = closest(name, self.names() + list(self._planned))
+        msg = f"unknown {self.kind} {name!r}"
+        if hint:
+            msg += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
+        raise RegistryError(f"{msg} (available: {', '.join(self.names()) or 'none'})")
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+    def entries(self) -> Iterator[Entry]:
+        self._load()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def unavailable(self) -> dict[str, str]:
+        """Broken plugins: name → error message."""
+        self._load()
+        return dict(self._unavailable)
+
+    def planned(self) -> dict[str, str]:
+        self._load()
+        return dict(self._planned)
+
+    # -- loading --------------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module(self.builtin_module)
+        for ep in _entry_points(self.group):
+            source = ep.dist.name if getattr(ep, "dist", None) is not None else ep.value.split(":")[0]
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin is reported, never fatal
+                self._unavailable[ep.name] = f"{type(exc).__name__}: {exc} (from {source!r}, {ep.value})"
+                continue
+            self.add(ep.name, obj, source=source)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+objectives = Registry("objective", "fewstep.objectives", "fewstep.objectives")
+backbones = Registry("backbone", "fewstep.backbones", "fewstep.backbones")
+datasets = Registry("dataset", "fewstep.data", "fewstep.datasets")
+recipes = Registry("recipe", "fewstep.recipes", "fewstep.recipes")
+
+REGISTRIES: dict[str, Registry] = {
+    "objectives": objectives, "backbones": backbones, "datasets": datasets, "recipes": recipes}
