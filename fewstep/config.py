@@ -168,11 +168,12 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
             raise ConfigError(_unknown(key, sorted(known), "run config"))
     for section in ("objective", "backbone", "data", "train", "sample"):
         if section in data:
-            setattr(out, section, _update(getattr(out, section), data[section], section))
+            setattr(out, section, replace_fields(getattr(out, section), data[section], section))
     return out
 
 
-def _update(cfg: Any, values: dict[str, Any], where: str) -> Any:
+def replace_fields(cfg: Any, values: dict[str, Any], where: str) -> Any:
+    """A copy of dataclass ``cfg`` with ``values`` type-checked and replaced; unknown keys are errors."""
     hints = typing.get_type_hints(type(cfg))
     names = [f.name for f in fields(cfg)]
     changes = {}
@@ -206,7 +207,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         sub = getattr(cfg, section)
         if name == "name" and section in ("objective", "backbone"):
             raise ConfigError(f"change the {section} with --{section}, not --set {section}.name")
-        setattr(cfg, section, _update(sub, {name: parse_literal(raw)}, section))
+        setattr(cfg, section, replace_fields(sub, {name: parse_literal(raw)}, section))
     return cfg
 
 

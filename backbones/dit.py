@@ -1,0 +1,340 @@
+"""Diffusion Transformer (Peebles & Xie, 2023) with TVM's "semi-Lipschitz control" switches.
+
+``F(x, t, s, y, guidance)``: patchify → transformer blocks with adaLN-Zero modulation → final layer →
+unpatchify. The variant switches of Terminal Velocity Matching (Zhou et al., 2025; see
+``specs/tvm.md`` §2) are config fields: RMSNorm pre-norms, QK-norm, RMS-normalised modulation,
+spectral init, and separate embedders for the gap ``t − s`` and the guidance input. Flavours
+(``dit-debug`` … ``dit-xl``) are registered in :data:`fewstep.registry.backbones`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.config import BackboneConfig
+from fewstep.contracts import DataSpec
+from fewstep.kernels.attention import attention
+from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder,
+                                      make_norm, modulate, sincos_pos_embed_2d, spectral_init_,
+                                      xavier_uniform_flat_)
+from fewstep.registry import backbones
+
+
+@dataclass(kw_only=True)
+class DiTConfig(BackboneConfig):
+    """DiT architecture. Defaults are DiT-S/2 as in the original paper (xavier init, LayerNorm).
+
+    Attributes:
+        depth, hidden_size, num_heads: blocks, width D and attention heads (D % heads == 0).
+        patch_size: p; the input side must be divisible by it (2, 4 or 8 in the paper).
+        mlp_ratio: MLP hidden width / D.
+        norm: block and final pre-norms, without affine parameters, eps 1e-6.
+        qk_norm: RMSNorm over head_dim on q and k, learnable weight (init 1), eps 1e-6.
+        mod_norm: RMS-normalise each adaLN modulation vector over D (no weight, eps 1e-6).
+        init: ``xavier`` (uniform, original DiT) or ``spectral`` (xavier-normal ÷ largest singular
+            value); the patch conv is treated flattened; biases 0.
+        time_init: time/gap/guidance MLPs ``normal`` N(0, 0.02) or ``spectral``.
+        gap_embedder: embed the gap t − s with its own sinusoidal MLP (two-time objectives).
+        guidance_embedder: embed a per-sample guidance scalar (TVM feeds β = 1/w).
+        time_scale: times, gaps and guidance are multiplied by this before the sinusoid
+            (1: raw [0, 1] as TVM; 1000: original DiT).
+    """
+
+    name: str = "dit-s"
+    depth: int = 12
+    hidden_size: int = 384
+    num_heads: int = 6
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    qk_norm: bool = False
+    mod_norm: bool = False
+    init: Literal["xavier", "spectral"] = "xavier"
+    time_init: Literal["normal", "spectral"] = "normal"
+    gap_embedder: bool = False
+    guidance_embedder: bool = False
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.depth >= 1, f"depth must be ≥ 1, got {self.depth}"),
+            (self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
+             f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"),
+            (self.hidden_size % 4 == 0, f"hidden_size must be divisible by 4 (2-D sin-cos position "
+                                        f"embedding), got {self.hidden_size}"),
+            (self.patch_size >= 1, f"patch_size must be ≥ 1, got {self.patch_size}"),
+            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
+            (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
+            (self.init in ("xavier", "spectral"), f"init must be 'xavier' or 'spectral', got {self.init!r}"),
+            (self.time_init in ("normal", "spectral"),
+             f"time_init must be 'normal' or 'spectral', got {self.time_init!r}"),
+            (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"DiTConfig: {message}")
+
+    def build(self, data: DataSpec) -> "DiT":
+        """A freshly initialised DiT for items of ``data`` (channels, resolution, classes)."""
+        return DiT(self, in_channels=data.channels, input_size=data.resolution, num_classes=data.num_classes)
+
+
+def tvm_variant(cfg: DiTConfig) -> DiTConfig:
+    """TVM's improved architecture on top of ``cfg``'s size: RMSNorm, QK-norm, modulation norm,
+    spectral init, gap and guidance embedders, raw time inputs; XL (width 1152) gets 18 heads
+    (head_dim 64). ``time_init`` is kept: the released TVM code effectively used N(0, 0.02)."""
+    heads = 18 if cfg.hidden_size == 1152 else cfg.num_heads
+    return dataclasses.replace(cfg, norm="rmsnorm", qk_norm=True, mod_norm=True, init="spectral",
+                               gap_embedder=True, guidance_embedder=True, time_scale=1.0,
+                               num_heads=heads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Core blocks
+# ---------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv Linear (bias) → optional QK-norm → :func:`attention` → proj."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(head_dim, affine=True) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, affine=True) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, N, D) → (B, N, D)."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(self.q_norm(q), self.k_norm(k), v)                     # (B, H, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """fc1 (D → hidden) → GELU(tanh) → fc2 (hidden → D)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero: six modulation vectors (shift, scale, gate) × 2."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = make_norm(cfg.norm, D)
+        self.attn = Attention(D, cfg.num_heads, cfg.qk_norm)
+        self.norm2 = make_norm(cfg.norm, D)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
+        self.adaLN_modulation = Modulation(D, 6, cfg.mod_norm)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x (B, N, D), c (B, D) → (B, N, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).unbind(1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """Pre-norm, 2-vector modulation (shift, scale), Linear(D → p²·C) (zero-initialised)."""
+
+    def __init__(self, cfg: DiTConfig, out_dim: int):
+        super().__init__()
+        self.norm = make_norm(cfg.norm, cfg.hidden_size)
+        self.adaLN_modulation = Modulation(cfg.hidden_size, 2, cfg.mod_norm)
+        self.linear = nn.Linear(cfg.hidden_size, out_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).unbind(1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------
+class DiT(nn.Module):
+    """``F(x, t, s, y, guidance)`` → a tensor shaped like x (see :class:`fewstep.contracts.Backbone`).
+
+    Args:
+        config: architecture.
+        in_channels: C of the (C, H, W) inputs (and outputs).
+        input_size: H = W; divisible by ``config.patch_size``.
+        num_classes: number of classes; the label table has ``num_classes + 1`` rows (the last one is
+            the null label). 0 = unconditional: no label table, ``y`` must be ``None``.
+    """
+
+    def __init__(self, config: DiTConfig, in_channels: int, input_size: int, num_classes: int):
+        super().__init__()
+        p, D = config.patch_size, config.hidden_size
+        if in_channels < 1 or num_classes < 0:
+            raise ValueError(f"DiT needs in_channels ≥ 1 and num_classes ≥ 0, got {in_channels}, {num_classes}")
+        if input_size % p:
+            raise ValueError(f"input resolution {input_size} is not divisible by patch_size {p}")
+        self.config, self.in_channels, self.input_size, self.num_classes = config, in_channels, input_size, num_classes
+        self.grid = input_size // p                                             # tokens per side
+        self.x_embedder = nn.Conv2d(in_channels, D, kernel_size=p, stride=p, bias=True)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, D), requires_grad=False)
+        self.t_embedder = TimestepEmbedder(D, config.time_scale)
+        self.gap_embedder = TimestepEmbedder(D, config.time_scale) if config.gap_embedder else None
+        self.guidance_embedder = TimestepEmbedder(D, config.time_scale) if config.guidance_embedder else None
+        self.y_embedder = nn.Embedding(num_classes + 1, D) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(config, p * p * in_channels)
+        self.initialize_weights()
+
+    def time_embedders(self) -> list[TimestepEmbedder]:
+        return [e for e in (self.t_embedder, self.gap_embedder, self.guidance_embedder) if e is not None]
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """(Re-)initialise every parameter as ``config.init`` / ``config.time_init`` say (call again
+        after materialising a model built on the ``meta`` device)."""
+        cfg = self.config
+        zero = [b.adaLN_modulation.linear for b in self.blocks]
+        zero += [self.final_layer.adaLN_modulation.linear, self.final_layer.linear]
+        timed = [m for e in self.time_embedders() for m in e.mlp if isinstance(m, nn.Linear)]
+        base = spectral_init_ if cfg.init == "spectral" else xavier_uniform_flat_
+        for m in self.modules():                      # every Linear and the patch conv
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(m is z for z in zero + timed):
+                base(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in timed:
+            if cfg.time_init == "spectral":
+                spectral_init_(m.weight)
+            else:
+                nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for m in self.modules():
+            if isinstance(m, RMSNorm) and m.weight is not None:
+                nn.init.ones_(m.weight)
+        pos = sincos_pos_embed_2d(cfg.hidden_size, self.grid)
+        self.pos_embed.copy_(pos.to(self.pos_embed.dtype)[None])
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
+                **cond: Tensor) -> Tensor:
+        """x (B, C, H, W); t, s (B,) floats (s=None: one-time call); y (B,) int64 in
+        [0, num_classes] (num_classes = null; None = all null); ``guidance=`` (B,) float iff the
+        guidance embedder exists. Returns (B, C, H, W), in the autocast dtype under autocast."""
+        self._check_inputs(x, t, s, y, cond)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, N, D)
+        c = self.t_embedder(t)
+        if self.gap_embedder is not None and s is not None:
+            c = c + self.gap_embedder(t - s)
+        if self.guidance_embedder is not None:
+            c = c + self.guidance_embedder(cond["guidance"])
+        if self.y_embedder is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            c = c + self.y_embedder(y)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))
+
+    def unpatchify(self, h: Tensor) -> Tensor:
+        """(B, N, p²·C) tokens → (B, C, H, W) image."""
+        B, g, p, C = h.shape[0], self.grid, self.config.patch_size, self.in_channels
+        h = h.reshape(B, g, g, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, g * p, g * p)
+
+    def _check_inputs(self, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | None,
+                      cond: dict[str, Tensor]) -> None:
+        C, R = self.in_channels, self.input_size
+        if x.dim() != 4:
+            raise ValueError(f"x must be (B, C, H, W) = (B, {C}, {R}, {R}), got shape {tuple(x.shape)}")
+        if x.shape[1] != C:
+            raise ValueError(f"x has {x.shape[1]} channels but this DiT expects {C}: got shape {tuple(x.shape)}")
+        if tuple(x.shape[2:]) != (R, R):
+            raise ValueError(f"x has resolution {x.shape[2]}×{x.shape[3]} but this DiT was built for "
+                             f"{R}×{R} (patch_size {self.config.patch_size}): got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        named = {"t": t, "s": s, **{k: v for k, v in cond.items()}}
+        for name, v in named.items():
+            if v is not None and (v.shape != (B,) or not v.is_floating_point()):
+                raise ValueError(f"{name} must be a float tensor of shape (B,) = ({B},), got "
+                                 f"{v.dtype} of shape {tuple(v.shape)}")
+        if s is not None and self.gap_embedder is None:
+            raise ValueError("got s: a two-time call F(x, t, s) on a one-time DiT (gap_embedder=False); "
+                             "pass s=None or build with gap_embedder=True")
+        unknown = sorted(set(cond) - {"guidance"})
+        if unknown:
+            raise TypeError(f"unknown conditions {unknown}; the DiT accepts only guidance=")
+        if self.guidance_embedder is not None and "guidance" not in cond:
+            raise ValueError("missing guidance=: this DiT has a guidance embedder (guidance_embedder=True); "
+                             "pass a (B,) float tensor (TVM feeds β = 1/w)")
+        if self.guidance_embedder is None and "guidance" in cond:
+            raise ValueError("got guidance= but this DiT has no guidance embedder (guidance_embedder=False)")
+        if y is None:
+            return
+        if self.y_embedder is None:
+            raise ValueError("got labels y but this DiT is unconditional (num_classes=0); pass y=None")
+        if y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"y must be an int64 tensor of shape (B,) = ({B},), got {y.dtype} of shape {tuple(y.shape)}")
+        if not (y.is_meta or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(y)):
+            if bool(((y < 0) | (y > self.num_classes)).any()):  # one host sync
+                raise ValueError(f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
+                                 f"got values in [{int(y.min())}, {int(y.max())}]")
+
+    # -- accounting -----------------------------------------------------------------------------
+    def forward_flops(self, batch: int) -> float:
+        """Approximate matmul FLOPs (2 × multiply-adds) of one forward on ``batch`` samples,
+        including the attention products QKᵀ and PV; norms, activations and softmax are ignored."""
+        cfg = self.config
+        D, N, L = cfg.hidden_size, self.grid ** 2, cfg.depth
+        hidden, out = int(D * cfg.mlp_ratio), cfg.patch_size ** 2 * self.in_channels
+        block = 2 * N * (3 * D * D + D * D + 2 * D * hidden) + 2 * (2 * N * N * D) + 2 * D * 6 * D
+        final = 2 * N * D * out + 2 * D * 2 * D
+        patch = 2 * N * out * D
+        embed = len(self.time_embedders()) * 2 * (FREQUENCY_DIM * D + D * D)
+        return float(batch * (L * block + final + patch + embed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flavours (sizes); patch size is the ``patch_size`` field
+# ---------------------------------------------------------------------------------------------------
+def _sized(base: BackboneConfig | None, name: str, depth: int, hidden_size: int, num_heads: int) -> DiTConfig:
+    """``base``'s switches (when it is a DiTConfig) at the given size; otherwise a default DiTConfig."""
+    if isinstance(base, DiTConfig):
+        return dataclasses.replace(base, name=name, depth=depth, hidden_size=hidden_size, num_heads=num_heads)
+    return DiTConfig(name=name, depth=depth, hidden_size=hidden_size, num_heads=num_heads)
+
+
+@backbones.register("dit-debug", summary="DiT, depth 2, width 64, 4 heads (tests, CPU smoke runs)")
+def dit_debug(base: BackboneConfig | None = None) -> DiTConfig:
+    return _sized(base, "dit-debug", 2, 64, 4)
+
+
+@backbones.register("dit-s", summary="DiT-S: depth 12, width 384, 6 heads (33 M with TVM's embedders)")
+def dit_s(base: BackboneConfig | None = None) -> DiTConfig:
+    return _sized(base, "dit-s", 12, 384, 6)
+
+
+@backbones.register("dit-b", summary="DiT-B: depth 12, width 768, 12 heads (130 M)")
+def dit_b(base: BackboneConfig | None = None) -> DiTConfig:
+    return _sized(base, "dit-b", 12, 768, 12)
+
+
+@backbones.register("dit-l", summary="DiT-L: depth 24, width 1024, 16 heads (460 M)")
+def dit_l(base: BackboneConfig | None = None) -> DiTConfig:
+    return _sized(base, "dit-l", 24, 1024, 16)
+
+
+@backbones.register("dit-xl", summary="DiT-XL: depth 28, width 1152, 16 heads (675 M; TVM: 18 heads)")
+def dit_xl(base: BackboneConfig | None = None) -> DiTConfig:
+    return _sized(base, "dit-xl", 28, 1152, 16)

@@ -1,0 +1,99 @@
+"""The dataset contract, the in-memory dataset and :func:`load_dataset`.
+
+Every dataset is a ``torch.utils.data.Dataset`` whose items are ``(x, y)``: ``x`` a float32 (C, H, W)
+tensor in [−1, 1] (``u8 / 127.5 − 1``) and ``y`` a 0-d int64 label in ``[0, num_classes)`` (0 for
+unconditional data). Each carries ``.spec`` (a :class:`~fewstep.contracts.DataSpec`). In-memory datasets
+also have ``get_batch(indices)``, the fast batched path the training loader prefers over collation.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fewstep.config import DataConfig
+from fewstep.contracts import DataSpec
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be loaded: missing files, malformed files, a missing extra or no network."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset whose files are in none of the searched places."""
+
+
+@runtime_checkable
+class ImageDataset(Protocol):
+    """What :func:`load_dataset` returns: a map-style dataset of ``(x, y)`` with a ``spec``."""
+
+    spec: DataSpec
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]: ...
+
+
+def u8_to_float(images: Tensor) -> Tensor:
+    """uint8 images (any shape) → float32 in [−1, 1]: ``u8 / 127.5 − 1`` (0 → −1, 255 → 1)."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+class InMemoryImageDataset(Dataset):
+    """Images held as one uint8 tensor, labels as one int64 tensor.
+
+    Args:
+        images: (N, C, H, W) uint8, H = W.
+        labels: (N,) int64 in ``[0, num_classes)`` (zeros when unconditional).
+        name: dataset name for the spec (as given to ``--data``).
+        num_classes: number of classes (0 = unconditional).
+        class_names: optional names of the ``num_classes`` classes.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, name: str, num_classes: int,
+                 class_names: Sequence[str] | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"images must be (N, C, H, H) uint8, got {tuple(images.shape)} {images.dtype}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images = images.contiguous()
+        self.labels = labels.to(torch.int64).contiguous()
+        self.class_names = list(class_names) if class_names is not None else None
+        n, c, h, _ = images.shape
+        self.spec = DataSpec(name=name, channels=c, resolution=h, num_classes=num_classes, num_items=n)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """``(x, y)``: x (C, H, W) float32 in [−1, 1], y a 0-d int64 label."""
+        return u8_to_float(self.images[index]), self.labels[index]
+
+    def get_batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Items ``indices`` (B,) int64 at once: x (B, C, H, W) float32 in [−1, 1], y (B,) int64."""
+        return u8_to_float(self.images[indices]), self.labels[indices]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec})"
+
+
+def load_dataset(cfg: DataConfig) -> Any:
+    """The dataset ``cfg.name`` names, as an :class:`ImageDataset`.
+
+    ``cfg.name`` is a registered dataset (``fashion-mnist``, or a plugin's), or ``PREFIX:ARG`` with a
+    registered prefix: ``imagefolder:PATH`` (a local folder of images, one sub-folder per class) or
+    ``hub:NAME`` (a Hugging Face Hub dataset). Unknown names raise
+    :class:`~fewstep.registry.RegistryError` suggesting the closest ones.
+    """
+    from fewstep.registry import datasets
+
+    name = cfg.name
+    if name not in datasets and ":" in name:
+        name = name.split(":", 1)[0]
+    dataset = datasets.get(name)(cfg)
+    if not isinstance(getattr(dataset, "spec", None), DataSpec):
+        raise DataError(f"dataset {cfg.name!r} ({datasets.entry(name).source}) returned an object without "
+                        f"a DataSpec .spec: {type(dataset).__name__}")
+    return dataset

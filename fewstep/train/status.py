@@ -1,0 +1,75 @@
+"""One honest status line: rich progress on the main process, mirrored to ``log.jsonl``."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report throughput only.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a CUDA device, if known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class StatusLog:
+    """Status bar (kimg, loss, images/s, ETA) and JSONL log of one run.
+
+    Args:
+        run_dir: where ``log.jsonl`` goes.
+        total_kimg: run length, for the bar and ETA.
+        start_kimg: kimg already done (resume).
+        enabled: False on non-main processes (nothing is shown or written).
+        show_progress: draw the rich bar (off in tests and non-TTY CI still gets plain lines).
+    """
+
+    def __init__(self, run_dir: Path, total_kimg: float, start_kimg: float, enabled: bool = True,
+                 show_progress: bool = True):
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.path = run_dir / "log.jsonl"
+        self.progress = None
+        if enabled and show_progress:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.fields[kimg]}"),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=self.console, transient=False)
+            self.task = self.progress.add_task("train", total=total_kimg, completed=start_kimg,
+                                               kimg=f"{start_kimg:.1f}/{total_kimg:g} kimg", stats="")
+            self.progress.start()
+        self.total_kimg = total_kimg
+        self.t0 = time.time()
+
+    def report(self, record: dict[str, Any]) -> None:
+        """Show and append one status record (must hold ``kimg``)."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        loss = record.get("loss")
+        stats = f"loss {loss:.4f}  {record.get('img_per_s', 0):.0f} img/s" if loss is not None else ""
+        if "mfu" in record:
+            stats += f"  MFU {100 * record['mfu']:.1f}%"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["kimg"], stats=stats,
+                                 kimg=f"{record['kimg']:.1f}/{self.total_kimg:g} kimg")
+        else:
+            self.console.print(f"step {record['step']:>7d}  kimg {record['kimg']:8.1f}  {stats}")
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

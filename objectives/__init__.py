@@ -1,0 +1,13 @@
+"""In-tree objectives; importing this package registers them (``fewstep list objectives``)."""
+from fewstep.objectives.fm import FlowMatching, FlowMatchingConfig
+from fewstep.registry import objectives as _registry
+
+__all__ = ["FlowMatching", "FlowMatchingConfig"]
+
+for _name, _what in {
+    "tvm": "Terminal Velocity Matching (Zhou et al. 2025)",
+    "meanflow": "MeanFlow (Geng et al. 2025)",
+    "scm": "continuous-time consistency, sCM/TrigFlow (Lu & Song 2024)",
+    "ect": "discrete consistency training, ECT/iCT (Geng et al. 2024)",
+}.items():
+    _registry.plan(_name, f"{_what} is planned for the next fewstep release and not in this version")

@@ -1,0 +1,34 @@
+"""Shared fixtures: small generated Fashion-MNIST-format data, so tests never need the real files."""
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))   # tests import their helpers (gaussian.py) by name
+
+
+def write_fashion_like(directory: Path, n_train: int = 512, n_test: int = 64, seed: int = 0) -> Path:
+    """Write IDX files in Fashion-MNIST format: class k is a bright bar whose height grows with k."""
+    from fewstep.data import fashion_mnist as fm
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 4:6 + 2 * int(k), 8:20] = 220
+        for stem, array, magic in zip(fm.FILES[split], (images, labels), (fm.IMAGES_MAGIC, fm.LABELS_MAGIC)):
+            header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory) -> Path:
+    """A directory of small Fashion-MNIST-format files (512 train / 64 test images)."""
+    return write_fashion_like(tmp_path_factory.mktemp("fashion"))
