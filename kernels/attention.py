@@ -80,6 +80,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
         k: keys (B, H, M, d); M may differ from N.
         v: values (B, H, M, d_v).
         scale: logit scale; default ``1/√d``.
+        Any number of leading dims works in place of (B, H) (e.g. under ``vmap``).
 
     Returns:
         (B, H, N, d_v) in the dtype of ``q``.
@@ -88,9 +89,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
     :func:`explicit_attention`; otherwise fused SDPA. :func:`last_path` reports the choice.
     """
     global _last_path
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects 4-D (B, H, N, d) tensors, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dim() == k.dim() == v.dim() >= 2 and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]):
+        raise ValueError(f"attention expects q (B, H, N, d), k (B, H, M, d), v (B, H, M, d_v), got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if _force_explicit > 0 or uses_forward_ad(q, k, v):
         _last_path = "explicit"
         return explicit(q, k, v, scale=scale)

@@ -121,5 +121,7 @@ def test_backward_through_primal_and_tangent(mode, autocast):
 def test_explicit_keeps_dtype_and_bad_shapes():
     q, k, v = qkv(dtype=torch.bfloat16)
     assert explicit(q, k, v).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match=r"4-D \(B, H, N, d\)"):
-        attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match=r"got q \(2, 3, 17, 8\), k \(2, 3, 11, 4\)"):
+        attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match=r"v \(3, 11, 8\)"):
+        attention(q, k, v[0])
