@@ -32,7 +32,8 @@ class DataSpec:
         resolution: H = W of each item (after any padding).
         num_classes: number of classes (0 for unconditional data).
         num_items: number of items in the split.
-        kind: ``pixels`` (values in [−1, 1]) or ``latents``.
+        kind: ``pixels`` (values in [−1, 1]), ``latents``, or ``points`` (low-dimensional toy data
+            stored as (C, 1, 1) items, C = dimension).
     """
 
     name: str
@@ -40,7 +41,7 @@ class DataSpec:
     resolution: int
     num_classes: int
     num_items: int
-    kind: Literal["pixels", "latents"] = "pixels"
+    kind: Literal["pixels", "latents", "points"] = "pixels"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,6 +81,8 @@ class ObjectiveNeeds:
         cfg: ``none``; ``sampling`` (CFG mixes conditional and null passes at sampling: 2 evaluations
             per step); ``distilled`` (guidance is learned in training; one evaluation per step).
         guidance_input: whether the backbone needs a guidance embedder.
+        renoise: whether :meth:`Objective.step` needs fresh noise (consistency models jump to the data
+            end and re-noise to ``s``); the sampler then passes per-seed ``noise``.
     """
 
     time_inputs: Literal[1, 2]
@@ -87,6 +90,7 @@ class ObjectiveNeeds:
     teacher: Literal["none", "stopgrad", "ema"]
     cfg: Literal["none", "sampling", "distilled"]
     guidance_input: bool = False
+    renoise: bool = False
 
 
 @dataclass
@@ -163,8 +167,13 @@ class Objective(nn.Module):
         self.ema = nn.ModuleDict({name: frozen_copy(backbone) for name in self.ema_betas})
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, y: Tensor | None, generator: torch.Generator | None = None) -> LossOutput:
-        """Loss on a batch of data ``x`` (B, C, H, W) with labels ``y`` (B,) or ``None``."""
+    def forward(self, x: Tensor, y: Tensor | None, generator: torch.Generator | None = None,
+                nimg: int = 0) -> LossOutput:
+        """Loss on a batch of data ``x`` (B, C, H, W) with labels ``y`` (B,) or ``None``.
+
+        ``generator`` (on x's device) drives every random draw; ``nimg`` is the number of training images
+        seen so far, for warm-ups and curricula (schedules are in images, never steps).
+        """
         raise NotImplementedError
 
     def teacher_tracks(self) -> list[tuple[nn.Module, float]]:
@@ -194,8 +203,13 @@ class Objective(nn.Module):
             raise KeyError(f"no weights named {weights!r} (valid: {valid})")
         return self.ema[weights]
 
-    def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None) -> Tensor:
-        """One jump from time ``t`` to ``s ≤ t`` (both (B,)); returns the new x, shaped like ``x``."""
+    def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None,
+             noise: Tensor | None = None) -> Tensor:
+        """One jump from time ``t`` to ``s ≤ t`` (both (B,)); returns the new x, shaped like ``x``.
+
+        ``net`` is the backbone to use (default: the online one); ``noise`` is fresh N(0, I) noise shaped
+        like ``x``, given only to objectives that declare ``needs.renoise``.
+        """
         raise NotImplementedError
 
     def evaluations_per_step(self, cond: Condition) -> int:

@@ -98,11 +98,15 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
         w = torch.full((len(chunk),), float(guidance), device=device) if guidance is not None else None
         cond = Condition(y=y, guidance=w)
         evals = 0
+        gens = [torch.Generator().manual_seed(seed + (1 << 32)) for seed in chunk] if objective.needs.renoise else None
         with torch.autocast("cuda", torch.bfloat16, enabled=autocast and device.type == "cuda"):
             for t_cur, t_next in zip(schedule, schedule[1:]):
                 t = torch.full((len(chunk),), t_cur, device=device)
                 s = torch.full((len(chunk),), t_next, device=device)
-                x = objective.step(x, t, s, cond, net=net).float()
+                noise = None
+                if gens is not None:   # per-seed fresh noise for re-noising samplers
+                    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+                x = objective.step(x, t, s, cond, net=net, noise=noise).float()
                 evals += objective.evaluations_per_step(cond)
         images.append(x.cpu())
         if y is not None:

@@ -44,7 +44,8 @@ class FlowMatching(Objective):
     needs = ObjectiveNeeds(time_inputs=1, jvp=False, teacher="none", cfg="sampling")
     config: FlowMatchingConfig
 
-    def forward(self, x: Tensor, y: Tensor | None, generator: torch.Generator | None = None) -> LossOutput:
+    def forward(self, x: Tensor, y: Tensor | None, generator: torch.Generator | None = None,
+                nimg: int = 0) -> LossOutput:
         """Loss on data ``x`` (B, C, H, W) with labels ``y`` (B,) or ``None``."""
         cfg = self.config
         t = logit_normal(x.shape[0], cfg.t_mean, cfg.t_std, generator, x.device)
@@ -64,7 +65,8 @@ class FlowMatching(Objective):
         v_y, v_null = net(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([cond.y, null])).chunk(2)
         return v_null + per_sample(w, x).to(v_y.dtype) * (v_y - v_null)
 
-    def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None) -> Tensor:
+    def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None,
+             noise: Tensor | None = None) -> Tensor:
         """Euler step from t to s: x + (s − t)·v(x, t)."""
         v = self.velocity(x, t, cond, net if net is not None else self.backbone)
         return x + per_sample(s - t, x).to(x.dtype) * v.to(x.dtype)

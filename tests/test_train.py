@@ -78,8 +78,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(fashion_dir,
     calls = {"n": 0}
     original = FlowMatching.forward
 
-    def poisoned(self, x, y, generator=None):
-        out = original(self, x, y, generator)
+    def poisoned(self, x, y, generator=None, nimg=0):
+        out = original(self, x, y, generator, nimg)
         calls["n"] += 1
         if calls["n"] == 5:
             out.loss = out.loss * float("nan")

@@ -195,7 +195,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
                 y = y if spec.num_classes else None
                 sync = micro == layout.accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    out = model(x, y, generator)
+                    out = model(x, y, generator, nimg)
                     if not torch.isfinite(out.loss):
                         bad = {k: float(v) for k, v in out.logs.items()}
                         raise NonFiniteLossError(
