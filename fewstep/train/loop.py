@@ -228,7 +228,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
                 status.report(record)
                 sums, ticks, tick_start, tick_nimg = {}, 0, time.time(), nimg
                 next_at["status"] = _next(nimg, interval["status"])
-            if nimg >= next_at["sample"] and not done:
+            if nimg >= next_at["sample"] and not done and spec.kind != "points":
                 grid(f"kimg{nimg / 1000:08.1f}")
                 next_at["sample"] = _next(nimg, interval["sample"])
             if nimg >= next_at["checkpoint"] and not done:
@@ -236,7 +236,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
                 next_at["checkpoint"] = _next(nimg, interval["checkpoint"])
         if ckpt is None or step > ckpt.step:
             last_ckpt = save(final=True)
-        grid("final")
+        if spec.kind == "points":   # toy data: metrics.json (sliced Wasserstein per NFE) and a scatter plot
+            if accelerator.is_main_process:
+                from fewstep.evaluate import evaluate_points
+
+                held_out = load_dataset(dataclasses.replace(cfg.data, split="test"))
+                evaluate_points(accelerator.unwrap_model(model), held_out, run_dir, nfes=cfg.sample.nfe,
+                                weights=cfg.sample.weights)
+        else:
+            grid("final")
     finally:
         status.close()
     accelerator.end_training()
