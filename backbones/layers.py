@@ -137,5 +137,5 @@ def spectral_init_(weight: Tensor) -> None:
     nn.init.xavier_normal_(flat)
     if flat.is_meta:
         return
-    sigma = torch.linalg.matrix_norm(flat.to(torch.float64), ord=2)
+    sigma = torch.linalg.matrix_norm(flat.to(torch.promote_types(flat.dtype, torch.float32)), ord=2)
     flat.div_(sigma.to(flat.dtype))

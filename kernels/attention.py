@@ -59,6 +59,8 @@ def uses_forward_ad(*tensors: Tensor) -> bool:
     Where the tangent cannot be inspected (e.g. ``vmap`` nested inside ``jvp``) it answers True,
     which only costs speed.
     """
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the functorch stack; a dual level is a global
+        return fwAD._current_level >= 0
     interpreters = torch._C._functorch.get_interpreter_stack() or []
     in_jvp = any(i.key() == torch._C._functorch.TransformType.Jvp for i in interpreters)
     if not in_jvp and fwAD._current_level < 0:

@@ -1,12 +1,12 @@
 """In-tree objectives; importing this package registers them (``fewstep list objectives``)."""
 from fewstep.objectives.fm import FlowMatching, FlowMatchingConfig
+from fewstep.objectives.meanflow import MeanFlow, MeanFlowConfig
 from fewstep.registry import objectives as _registry
 
-__all__ = ["FlowMatching", "FlowMatchingConfig"]
+__all__ = ["FlowMatching", "FlowMatchingConfig", "MeanFlow", "MeanFlowConfig"]
 
 for _name, _what in {
     "tvm": "Terminal Velocity Matching (Zhou et al. 2025)",
-    "meanflow": "MeanFlow (Geng et al. 2025)",
     "scm": "continuous-time consistency, sCM/TrigFlow (Lu & Song 2024)",
     "ect": "discrete consistency training, ECT/iCT (Geng et al. 2024)",
 }.items():

@@ -125,3 +125,39 @@ def test_explicit_keeps_dtype_and_bad_shapes():
         attention(q, k[..., :4], v)
     with pytest.raises(ValueError, match=r"v \(3, 11, 8\)"):
         attention(q, k, v[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_jvp_backward_at_dit_shapes():
+    """DiT-XL/2-256 head shape (N 256, d 64) on CUDA under bf16 autocast: fused SDPA and the explicit
+    path agree, and JVP + backward through both outputs matches a float64 reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    leaves = [torch.randn(4, 6, 256, 64, device="cuda", generator=g, requires_grad=True) for _ in range(6)]
+    go, gt = (torch.randn(4, 6, 256, 64, device="cuda", generator=g) for _ in range(2))
+
+    def run(kind):
+        for x in leaves:
+            x.grad = None
+        if kind == "reference":
+            f, ctx, prim, tan = reference, torch.autocast("cuda", enabled=False), leaves[:3], leaves[3:]
+            prim, tan = [x.double() for x in prim], [x.double() for x in tan]
+        else:
+            f, ctx, prim, tan = attention, torch.autocast("cuda", dtype=torch.bfloat16), leaves[:3], leaves[3:]
+            prim, tan = [x.bfloat16() for x in prim], [x.bfloat16() for x in tan]
+        with ctx:
+            o, to = torch.func.jvp(f, tuple(prim), tuple(tan))
+            ((go * o.float()).sum() + (gt * to.float()).sum()).backward()
+        return o.float(), to.float(), [x.grad.clone() for x in leaves]
+
+    o_ref, to_ref, g_ref = run("reference")
+    o, to, grads = run("bf16")
+    assert last_path() == "explicit"
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    assert rel(o, o_ref) < 1e-2 and rel(to, to_ref) < 2e-2
+    for name, a, b in zip(["q", "k", "v", "tq", "tk", "tv"], grads, g_ref):
+        assert rel(a, b) < 3e-2, name
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = attention(*[x.detach().bfloat16() for x in leaves[:3]])
+        assert last_path() == "sdpa"
+    assert rel(fused.float(), o_ref) < 1e-2

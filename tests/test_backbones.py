@@ -1,5 +1,6 @@
 """The DiT family: shapes, parameter counts (tvm.md §2.3), initialisation, JVP, errors, registry."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from fewstep.backbones import DiT, DiTConfig, tvm_variant
 from fewstep.backbones.dit import dit_b, dit_debug, dit_l, dit_s, dit_xl
+from fewstep.backbones.layers import timestep_embedding
 from fewstep.contracts import Backbone, DataSpec
 from fewstep.kernels.attention import last_path
 from fewstep.registry import backbones
@@ -47,14 +49,15 @@ def perturb(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
     (debug(patch_size=4), 1, 32, 0),
     (debug(patch_size=8, norm="rmsnorm"), 4, 32, 1000),
     (tvm_variant(dit_debug()), 4, 8, 5),
-    (tvm_variant(dit_s()), 4, 8, 10),
-], ids=["debug-p2", "debug-p4-uncond", "debug-p8-rms", "tvm-debug", "tvm-s"])
+    (dataclasses.replace(dit_s(), patch_size=4, qk_norm=True), 4, 16, 10),
+], ids=["debug-p2", "debug-p4-uncond", "debug-p8-rms", "tvm-debug", "s-p4"])
 def test_output_shape(cfg, channels, size, classes):
     model = DiT(cfg, channels, size, classes)
     assert isinstance(model, Backbone)
     x, t, s, y, cond = inputs(perturb(model), batch=3)
     out = model(x, t, s, y, **cond)
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert last_path() == "sdpa"
     assert (model.in_channels, model.input_size, model.num_classes) == (channels, size, classes)
 
 
@@ -150,7 +153,7 @@ def test_spectral_init(time_init):
             assert not m.bias.any(), name
             checked += 1
     assert checked == 1 + 4 * 2 + (6 if time_init == "spectral" else 0)   # patch conv, 4 per block
-    assert model.y_embedder.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.y_embedder.weight.std().item() == pytest.approx(0.02, rel=0.15)   # 11×64 draws
     assert all(b.attn.q_norm.weight.eq(1).all() and b.attn.k_norm.weight.eq(1).all() for b in model.blocks)
 
 
@@ -180,7 +183,7 @@ def test_mod_norm_gives_unit_rms_modulation():
     for head, n in ((block, 6), (final, 2)):
         m = head(c)
         assert m.shape == (4, n, 64)
-        torch.testing.assert_close(m.square().mean(-1).sqrt(), torch.ones(4, n), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.square().mean(-1).sqrt(), torch.ones(4, n), atol=1e-4, rtol=0)  # eps 1e-6
     plain = perturb(DiT(debug(), 3, 8, 10)).blocks[0].adaLN_modulation(c)
     assert (plain.square().mean(-1).sqrt() - 1).abs().max() > 0.1
 
@@ -197,6 +200,31 @@ def test_one_time_call_skips_the_gap_embedder():
         model.gap_embedder.mlp[2].weight.zero_()
         model.gap_embedder.mlp[2].bias.zero_()
     torch.testing.assert_close(model(x, t, s, y, **cond), one_time)
+
+
+def test_gap_embedder_sees_only_t_minus_s():
+    model = perturb(DiT(tvm_variant(dit_debug()), 3, 8, 10))
+    with torch.no_grad():
+        model.t_embedder.mlp[2].weight.zero_()
+        model.t_embedder.mlp[2].bias.zero_()
+    x, t, s, y, cond = inputs(model)
+    torch.testing.assert_close(model(x, t + 0.25, s + 0.25, y, **cond), model(x, t, s, y, **cond))
+    assert not torch.allclose(model(x, t + 0.25, s, y, **cond), model(x, t, s, y, **cond))
+
+
+def test_sinusoid_and_position_embedding():
+    t = torch.tensor([0.0, 0.3, 1.0])
+    emb = timestep_embedding(t)
+    assert emb.shape == (3, 256) and emb.dtype == torch.float64
+    torch.testing.assert_close(emb[:, 0], torch.cos(t.double()))                     # cos half first
+    torch.testing.assert_close(emb[:, 128 + 5], torch.sin(t.double() * 10000 ** (-5 / 128)))
+    model = DiT(debug(), 3, 8, 0)                                                    # 4×4 tokens, D = 64
+    pos = model.pos_embed[0]
+    row, col = 2, 3
+    token = pos[row * 4 + col]                      # halves: [sin, cos](col·ω), [sin, cos](row·ω)
+    expected = torch.tensor([math.sin(col), math.cos(col), math.sin(row), math.cos(row)])
+    torch.testing.assert_close(token[[0, 16, 32, 48]], expected)
+    torch.testing.assert_close(token[1], torch.sin(torch.tensor(col * 10000 ** (-1 / 16))))
 
 
 def test_null_label_and_time_scale():
@@ -237,15 +265,15 @@ def test_jvp_matches_finite_differences():
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_gradients_flow_through_the_tangent(autocast):
     """TVM back-propagates through ∂_s F (tangents (0, 0, 1)); every trainable weight must get a
-    gradient from a loss on the tangent alone."""
+    gradient from a loss on the tangent alone (except the output bias, which ∂_s F does not see)."""
     model = perturb(DiT(tvm_variant(dit_debug()), 3, 8, 10))
     x, t, s, y, cond = inputs(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out, ds = torch.func.jvp(lambda s: model(x, t, s, y, **cond), (s,), (torch.ones_like(s),))
         assert last_path() == "explicit" and ds.dtype == (torch.bfloat16 if autocast else torch.float32)
-        ds.float().square().mean().backward()
+        ds.float().square().mean().backward(retain_graph=True)
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and name != "final_layer.linear.bias":
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
             if name != "y_embedder.weight":
                 assert p.grad.abs().sum() > 0, name
@@ -271,7 +299,7 @@ def bad_calls():
         ("label-negative", lambda: one_time(x, t, y=torch.tensor([-1, 0])), r"got values in \[-1, 0\]"),
         ("label-dtype", lambda: one_time(x, t, y=torch.tensor([0.0, 1.0])), r"y must be an int64 tensor"),
         ("unconditional", lambda: uncond(x, t, y=y), r"unconditional \(num_classes=0\)"),
-        ("two-time", lambda: one_time(x, t, s), r"two-time call .* gap_embedder=False"),
+        ("two-time", lambda: one_time(x, t, s), r"two-time call F\(x, t, s\) on a one-time DiT \(gap_embedder=False\)"),
         ("missing-guidance", lambda: tvm(x, t, s, y), r"missing guidance="),
         ("unexpected-guidance", lambda: one_time(x, t, guidance=g), r"no guidance embedder"),
         ("unknown-cond", lambda: tvm(x, t, s, y, guidance=g, foo=g), r"unknown conditions \['foo'\]"),
@@ -305,3 +333,37 @@ def test_flavours_are_registered_and_keep_switches():
         assert dataclasses.replace(kept, name=base.name, depth=2, hidden_size=64, num_heads=4) == base
     from fewstep.config import default_backbone_config
     assert default_backbone_config("dit-b", base).init == "spectral"
+
+
+def test_compiles_without_graph_breaks():
+    """Routing and input checks must stay traceable (``fullgraph=True`` fails on any graph break)."""
+    model = perturb(DiT(tvm_variant(dit_debug()), 3, 8, 10))
+    x, t, s, y, cond = inputs(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, t, s, y, **cond), model(x, t, s, y, **cond))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_tvm_jvp_step():
+    """TVM's JVP pass on CUDA: DiT-S/2 (TVM variant) on 4×32×32 latents under bf16 autocast, tangent
+    (0, 0, 1), backward through primal and tangent; compared with the same pass in fp32."""
+    torch.manual_seed(0)
+    model = perturb(DiT(tvm_variant(dit_s()), 4, 32, 1000), std=0.02).cuda()
+    x, t, s, y, cond = (v.cuda() if torch.is_tensor(v) else v for v in inputs(model, batch=8))
+    cond = {k: v.cuda() for k, v in cond.items()}
+
+    def step(autocast):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out, ds = torch.func.jvp(lambda s: model(x, t, s, y, **cond), (s,), (torch.ones_like(s),))
+            (out.float().square().mean() + ds.float().square().mean()).backward()
+        return out.float(), ds.float(), model.blocks[0].attn.qkv.weight.grad.clone()
+
+    out32, ds32, g32 = step(False)
+    out16, ds16, g16 = step(True)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out16, out32) < 5e-2 and rel(ds16, ds32) < 5e-2 and rel(g16, g32) < 1e-1
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = model(x, t, s, y, **cond)                    # SDPA path
+    assert last_path() == "sdpa" and rel(fused.float(), out32) < 5e-2

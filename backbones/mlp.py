@@ -1,0 +1,186 @@
+"""A residual MLP backbone for low-dimensional (``points``) data, meeting the same contract as the DiT.
+
+``F(x, t, s, y, guidance)``: the item (B, C, H, W) is flattened to (B, C·H·W) and projected to the
+width; the conditioning vector c is the sum of sinusoidal-MLP embeddings of t, of the gap t − s
+(``gap_embedder``; never s itself), of a per-sample guidance scalar (``guidance_embedder``) and of the
+label (a table with a null row at index ``num_classes``). Each residual block is
+``h ← h + fc2(SiLU(fc1(LN(h)·(1 + scale) + shift)))`` with (shift, scale) = Linear(SiLU(c)) — DiT's
+adaLN without the gate — and the output layer (LN → Linear) starts at zero, so an untrained net
+predicts 0. Pure and JVP-safe: no in-place ops, no data-dependent control flow under forward AD.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.backbones.layers import EPS, FREQUENCY_DIM, TimestepEmbedder
+from fewstep.config import BackboneConfig
+from fewstep.contracts import DataSpec
+from fewstep.registry import backbones
+
+
+@dataclass(kw_only=True)
+class MLPConfig(BackboneConfig):
+    """Residual-MLP architecture.
+
+    Attributes:
+        width: hidden width W of every layer and of the conditioning vector.
+        depth: number of residual blocks (each two W×W layers plus a W → 2W modulation).
+        gap_embedder: embed the gap t − s with its own sinusoidal MLP (two-time objectives).
+        guidance_embedder: embed a per-sample guidance scalar (TVM feeds β = 1/w).
+        time_scale: times, gaps and guidance are multiplied by this before the sinusoid
+            (1: raw [0, 1] values as TVM; 1000: original DiT). Same meaning as the DiT's.
+    """
+
+    name: str = "mlp"
+    width: int = 256
+    depth: int = 3
+    gap_embedder: bool = False
+    guidance_embedder: bool = False
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for ok, message in [(self.width >= 1, f"width must be ≥ 1, got {self.width}"),
+                            (self.depth >= 1, f"depth must be ≥ 1, got {self.depth}"),
+                            (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}")]:
+            if not ok:
+                raise ValueError(f"MLPConfig: {message}")
+
+    def build(self, data: DataSpec) -> "MLP":
+        """A freshly initialised MLP for items of ``data`` (channels, resolution, classes)."""
+        return MLP(self, in_channels=data.channels, input_size=data.resolution, num_classes=data.num_classes)
+
+
+class ResBlock(nn.Module):
+    """``h + fc2(SiLU(fc1(LN(h)·(1 + scale) + shift)))``, (shift, scale) = Linear(SiLU(c)); h, c (B, W)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=EPS)
+        self.modulation = nn.Linear(width, 2 * width)
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, h: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.modulation(nn.functional.silu(c)).chunk(2, dim=-1)
+        u = self.norm(h) * (1 + scale) + shift
+        return h + self.fc2(nn.functional.silu(self.fc1(u)))
+
+
+class MLP(nn.Module):
+    """``F(x, t, s, y, guidance)`` → a tensor shaped like x (see :class:`fewstep.contracts.Backbone`).
+
+    Args:
+        config: architecture.
+        in_channels: C of the (C, H, W) items (2 for ``toy2d``).
+        input_size: H = W (1 for points); the net sees C·H·W features.
+        num_classes: number of classes; the label table has ``num_classes + 1`` rows (the last is
+            null). 0 = unconditional: no label table, ``y`` must be ``None``.
+    """
+
+    def __init__(self, config: MLPConfig, in_channels: int, input_size: int, num_classes: int):
+        super().__init__()
+        if in_channels < 1 or input_size < 1 or num_classes < 0:
+            raise ValueError(f"MLP needs in_channels ≥ 1, input_size ≥ 1 and num_classes ≥ 0, got "
+                             f"{in_channels}, {input_size}, {num_classes}")
+        W = config.width
+        self.config, self.in_channels, self.input_size, self.num_classes = config, in_channels, input_size, num_classes
+        self.features = in_channels * input_size * input_size
+        self.in_proj = nn.Linear(self.features, W)
+        self.t_embedder = TimestepEmbedder(W, config.time_scale)
+        self.gap_embedder = TimestepEmbedder(W, config.time_scale) if config.gap_embedder else None
+        self.guidance_embedder = TimestepEmbedder(W, config.time_scale) if config.guidance_embedder else None
+        self.y_embedder = nn.Embedding(num_classes + 1, W) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(ResBlock(W) for _ in range(config.depth))
+        self.out_norm = nn.LayerNorm(W, elementwise_affine=False, eps=EPS)
+        self.out_proj = nn.Linear(W, self.features)
+        self.initialize_weights()
+
+    def time_embedders(self) -> list[TimestepEmbedder]:
+        return [e for e in (self.t_embedder, self.gap_embedder, self.guidance_embedder) if e is not None]
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """PyTorch's default Linear init, N(0, 0.02) time MLPs and label table (as the DiT), and a
+        zero output layer. Call again after materialising a model built on the ``meta`` device."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+        for e in self.time_embedders():
+            for m in e.mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
+                **cond: Tensor) -> Tensor:
+        """x (B, C, H, W); t, s (B,) floats (s=None: one-time call, no gap term); y (B,) int64 in
+        [0, num_classes] (num_classes = null; None = all null); ``guidance=`` (B,) float iff the
+        guidance embedder exists. Returns (B, C, H, W) in x's dtype."""
+        self._check_inputs(x, t, s, y, cond)
+        c = self.t_embedder(t)
+        if self.gap_embedder is not None and s is not None:
+            c = c + self.gap_embedder(t - s)
+        if self.guidance_embedder is not None:
+            c = c + self.guidance_embedder(cond["guidance"])
+        if self.y_embedder is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            c = c + self.y_embedder(y)
+        h = self.in_proj(x.reshape(x.shape[0], self.features))
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out_proj(self.out_norm(h)).reshape(x.shape)
+
+    def _check_inputs(self, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | None,
+                      cond: dict[str, Tensor]) -> None:
+        C, R = self.in_channels, self.input_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (C, R, R):
+            raise ValueError(f"x must be (B, C, H, W) = (B, {C}, {R}, {R}) for this MLP, got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        for name, v in {"t": t, "s": s, **cond}.items():
+            if v is not None and (v.shape != (B,) or not v.is_floating_point()):
+                raise ValueError(f"{name} must be a float tensor of shape (B,) = ({B},), got "
+                                 f"{v.dtype} of shape {tuple(v.shape)}")
+        if s is not None and self.gap_embedder is None:
+            raise ValueError("got s: a two-time call F(x, t, s) on a one-time MLP (gap_embedder=False); "
+                             "pass s=None or build with gap_embedder=True")
+        unknown = sorted(set(cond) - {"guidance"})
+        if unknown:
+            raise TypeError(f"unknown conditions {unknown}; the MLP accepts only guidance=")
+        if self.guidance_embedder is not None and "guidance" not in cond:
+            raise ValueError("missing guidance=: this MLP has a guidance embedder (guidance_embedder=True); "
+                             "pass a (B,) float tensor")
+        if self.guidance_embedder is None and "guidance" in cond:
+            raise ValueError("got guidance= but this MLP has no guidance embedder (guidance_embedder=False)")
+        if y is None:
+            return
+        if self.y_embedder is None:
+            raise ValueError("got labels y but this MLP is unconditional (num_classes=0); pass y=None")
+        if y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"y must be an int64 tensor of shape (B,) = ({B},), got {y.dtype} of shape {tuple(y.shape)}")
+        if not (y.is_meta or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(y)):
+            if bool(((y < 0) | (y > self.num_classes)).any()):
+                raise ValueError(f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
+                                 f"got values in [{int(y.min())}, {int(y.max())}]")
+
+    def forward_flops(self, batch: int) -> float:
+        """Matmul FLOPs (2 × multiply-adds) of one forward on ``batch`` samples; norms, activations and
+        the label lookup are ignored."""
+        W, L, F = self.config.width, self.config.depth, self.features
+        embed = len(self.time_embedders()) * (FREQUENCY_DIM * W + W * W)
+        return float(2 * batch * (F * W + L * 4 * W * W + embed + W * F))
+
+
+@backbones.register("mlp", summary="residual MLP, width 256, depth 3, adaLN conditioning (toy2d points)")
+def mlp(base: BackboneConfig | None = None) -> MLPConfig:
+    """Width 256, depth 3; the switches (gap/guidance embedders, time_scale) of an MLPConfig ``base`` are kept."""
+    if isinstance(base, MLPConfig):
+        return dataclasses.replace(base, name="mlp", width=256, depth=3)
+    return MLPConfig(name="mlp", width=256, depth=3)

@@ -1,0 +1,4 @@
+"""Sample-quality metrics (plain functions of sample sets)."""
+from fewstep.metrics.sliced_wasserstein import random_directions, sliced_wasserstein
+
+__all__ = ["random_directions", "sliced_wasserstein"]

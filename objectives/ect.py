@@ -1,0 +1,210 @@
+"""Easy Consistency Tuning (ECT; Geng et al., "Consistency Models Made Easy", arXiv 2406.14548).
+
+Discrete consistency training in EDM σ (specs/objectives.md §4, §4.2; official locuslab/ect
+``training/loss.py: ECMLoss``), with the boundary-respecting CM preconditioning of :mod:`.edm`:
+
+1. σ_t ~ lognormal: ln σ_t ~ N(P_mean, P_std²) (CIFAR −1.1, 2.0; IN-64 −0.8, 1.6), clamped below at
+   σ_min (where c_out < 0 would break the boundary form; P(σ_t < 0.002) ≈ 0.5% at the defaults).
+2. The shrinking gap ("sigmoid mapping function"), stage = ⌊nimg / (stage_kimg·1000)⌋:
+       σ_r = max(0, σ_t·(1 − q^{−(stage+1)}·n(σ_t))),   n(σ) = 1 + k·sigmoid(−b·σ),   k = 8, b = 1.
+   Early stages give σ_r = 0 (plain denoising); each stage divides the relative gap by q. Past
+   q^{stage+1} ≈ 10⁶ the gap falls below float32 resolution (σ_r rounds to σ_t): keep stages fewer.
+3. Same ε for both points, and the target pass without gradient (θ⁻ = sg θ, no EMA teacher):
+       Δ = f_θ(x + σ_t·ε, σ_t) − sg f_θ(x + σ_r·ε, σ_r),  with sg f(·, σ_r) := x where σ_r ≤ σ_min
+   (ECT: r = 0 ⇒ D(x, 0) = x; the boundary form gives f(x, σ_min) = x anyway).
+4. Pseudo-Huber distance on the whole vector (not per-dimension, as in ECT/iCT):
+       d = √(‖Δ‖² + c²) − c,  c = 0.00054·√(C·H·W) by default (iCT's rule; 0.06 at IN-64 = ECT's IN-64
+   default); c = 0 is ECT-CIFAR's plain L2 norm.
+5. Weight λ = 1/(σ_t − σ_r) (ECT main branch / CIFAR, iCT) or "snrpk" 1/σ_t² + 1/σ_d² (ECT IN-64).
+   Per-sample loss λ·d; the loss is its batch mean.
+
+Differences from the official code, on purpose: the CM boundary form is used in training too (ECT trains
+with plain EDM c_skip/c_out and switches at evaluation); non-finite targets are not zeroed
+(``nan_to_num``) but counted in ``logs["nonfinite"]`` and left to reach the trainer. ECT initialises
+from a pretrained diffusion model; here the backbone is whatever the caller gives.
+
+Shared randomness: the target pass re-uses the grad pass's dropout masks by restoring the global RNG
+state of x's device before it (ECT restores the CUDA RNG). Our DiT has no dropout, so this is a no-op
+there. Sampling (``step``): x̂₀ = f_θ(x_t/(1 − t), σ(t)), then re-noise to s: x_s = (1 − s)·x̂₀ + s·noise
+(EDM x̂₀ + σ_s·noise); ``default_schedule`` is [t(σ_max)] + intermediate [t(σ_mid), …] + [0].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.config import ObjectiveConfig
+from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
+from fewstep.objectives.common import per_sample, randn
+from fewstep.objectives.edm import consistency_function, sigma_from_t, t_from_sigma, t_max, x_sigma_from_x_t
+from fewstep.registry import objectives
+
+SIGMA_P = 1.0   # the toolkit prior std: x_t = (1 − t)·x + t·ε with ε ~ N(0, I) (contracts.py)
+
+
+@dataclass(kw_only=True)
+class ECTConfig(ObjectiveConfig):
+    """ECT settings (defaults: the CIFAR-10 ECM recipe, spec §4.2).
+
+    Attributes:
+        sigma_data: σ_d of the preconditioning (data std; 0.5 for pixels in [−1, 1]).
+        sigma_min, sigma_max: EDM noise range; f(x, σ_min) = x; sampling starts at σ_max.
+        P_mean, P_std: ln σ_t ~ N(P_mean, P_std²) (IN-64: −0.8, 1.6).
+        q: gap shrink factor per stage (CIFAR 2, IN-64 4).
+        k, b: the sigmoid mapping n(σ) = 1 + k·sigmoid(−b·σ).
+        stage_kimg: images (thousands) per stage; ECT: every 25k iterations at batch 128 = 3200 kimg.
+        huber_c: pseudo-Huber c (whole-vector units); ``None`` = 0.00054·√(C·H·W); 0 = L2 norm.
+        weighting: ``gap`` 1/(σ_t − σ_r) (ECT CIFAR, iCT) or ``snrpk`` 1/σ_t² + 1/σ_d² (ECT IN-64).
+        sigma_mid: 2-step intermediate σ (0.821 ECT CIFAR; 1.526 ECT IN-64). For nfe ≥ 3 the
+            intermediate σ's are log-spaced from σ_max to σ_mid (our extension; ECT reports ≤ 2 steps).
+    """
+
+    name: str = "ect"
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    P_mean: float = -1.1
+    P_std: float = 2.0
+    q: float = 2.0
+    k: float = 8.0
+    b: float = 1.0
+    stage_kimg: float = 3200.0
+    huber_c: float | None = None
+    weighting: Literal["gap", "snrpk"] = "gap"
+    sigma_mid: float = 0.821
+
+
+def ect_stage(nimg: int, stage_kimg: float) -> int:
+    """ECT stage ⌊nimg / (stage_kimg·1000)⌋ (0 at the start; +1 every ``stage_kimg`` thousand images)."""
+    return int(nimg // (stage_kimg * 1000))
+
+
+def ect_sigma_r(sigma_t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """ECT's sigmoid mapping: σ_r = max(0, σ_t·(1 − q^{−(stage+1)}·(1 + k·sigmoid(−b·σ_t)))), (B,) → (B,)."""
+    n = 1 + k * torch.sigmoid(-b * sigma_t)
+    return (sigma_t * (1 - n / q ** (stage + 1))).clamp(min=0)
+
+
+@objectives.register("ect", summary="Easy Consistency Tuning: discrete CT with a shrinking gap, 1-2 step sampling")
+class ECT(Objective):
+    """Discrete consistency training with ECT's shrinking-gap schedule (module docstring)."""
+
+    Config = ECTConfig
+    needs = ObjectiveNeeds(time_inputs=1, jvp=False, teacher="stopgrad", cfg="none", renoise=True)
+    config: ECTConfig
+
+    # -- the consistency function in EDM σ ---------------------------------------------------------
+    def f(self, x_sigma: Tensor, sigma: Tensor, y: Tensor | None, net: nn.Module | None = None) -> Tensor:
+        """f_θ(x_σ, σ): (B, C, H, W) EDM state and (B,) σ ≥ σ_min → (B, C, H, W) data estimate."""
+        cfg = self.config
+        return consistency_function(net if net is not None else self.backbone, x_sigma, sigma, y,
+                                    sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min, sigma_p=SIGMA_P)
+
+    def huber_c(self, x: Tensor) -> float:
+        """Pseudo-Huber c for items shaped like x[0] (iCT's 0.00054·√dim unless configured)."""
+        c = self.config.huber_c
+        return 0.00054 * math.sqrt(x[0].numel()) if c is None else c
+
+    def weight(self, sigma_t: Tensor, sigma_r: Tensor) -> Tensor:
+        """λ(σ_t, σ_r), (B,): 1/(σ_t − σ_r) or 1/σ_t² + 1/σ_d²."""
+        if self.config.weighting == "gap":
+            return 1 / (sigma_t - sigma_r)
+        if self.config.weighting == "snrpk":
+            return 1 / sigma_t ** 2 + 1 / self.config.sigma_data ** 2
+        raise ValueError(f"weighting must be 'gap' or 'snrpk', got {self.config.weighting!r}")
+
+    # -- training -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, y: Tensor | None, generator: torch.Generator | None = None,
+                nimg: int = 0) -> LossOutput:
+        """ECT loss on data ``x`` (B, C, H, W) with labels ``y`` (B,) or ``None`` after ``nimg`` images."""
+        cfg = self.config
+        sigma_t = (cfg.P_mean + cfg.P_std * randn((x.shape[0],), generator, x.device, x.dtype)).exp()
+        sigma_t = sigma_t.clamp(min=cfg.sigma_min)
+        eps = randn(tuple(x.shape), generator, x.device, x.dtype)
+        stage = ect_stage(nimg, cfg.stage_kimg)
+        sigma_r = ect_sigma_r(sigma_t, stage, cfg.q, cfg.k, cfg.b)
+        return self.consistency_loss(x, y, eps, sigma_t, sigma_r, stage=stage)
+
+    def consistency_loss(self, x: Tensor, y: Tensor | None, eps: Tensor, sigma_t: Tensor, sigma_r: Tensor,
+                         stage: int = 0) -> LossOutput:
+        """λ·d(f_θ(x + σ_t·ε, σ_t), sg f_θ(x + σ_r·ε, σ_r)) for given noise ε (B, C, H, W) and levels
+        σ_t > σ_r ≥ 0 (B,); targets with σ_r ≤ σ_min are x itself."""
+        cfg = self.config
+        rng = _rng_state(x.device)
+        f_t = self.f(x + per_sample(sigma_t, x) * eps, sigma_t, y)
+        boundary = sigma_r <= cfg.sigma_min
+        target = x
+        if not bool(boundary.all()):
+            _set_rng_state(x.device, rng)            # same dropout masks in the target pass
+            with torch.no_grad():
+                f_r = self.f(x + per_sample(sigma_r, x) * eps, sigma_r.clamp(min=cfg.sigma_min), y)
+            target = torch.where(per_sample(boundary, x), x, f_r.to(x.dtype))
+        dt = torch.promote_types(x.dtype, torch.float32)    # fp32 loss (fp64 in float64 tests)
+        diff = (f_t.to(dt) - target.to(dt)).flatten(1)
+        c = self.huber_c(x)
+        distance = (diff.square().sum(1) + c ** 2).sqrt() - c
+        weight = self.weight(sigma_t, sigma_r).to(distance.dtype)
+        loss = weight * distance
+        gap_t = t_from_sigma(sigma_t, SIGMA_P) - t_from_sigma(sigma_r, SIGMA_P)
+        logs = {"loss_ect": loss.detach().mean(), "distance": distance.detach().mean(),
+                "weight": weight.detach().mean(), "stage": torch.tensor(float(stage), device=x.device),
+                "gap_t": gap_t.detach().mean(), "boundary_frac": boundary.float().mean(),
+                "nonfinite": (~torch.isfinite(loss.detach())).sum()}
+        return LossOutput(loss=loss.mean(), per_sample=loss.detach(), logs=logs)
+
+    def flops_per_sample(self, forward_flops: float) -> float:
+        """4 F: grad forward (1 F) + its backward (2 F) + the no-grad target forward (1 F; skipped, so
+        3 F, in the rare batches where every σ_r ≤ σ_min)."""
+        return 4.0 * forward_flops
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None,
+             noise: Tensor | None = None) -> Tensor:
+        """Jump to the data end and re-noise to s: x_s = (1 − s)·f_θ(x_t/(1 − t), σ(t)) + s·noise.
+
+        Args:
+            x: (B, C, H, W) state at toolkit times ``t`` (B,) in (0, 1) (t = 1 is σ = ∞: start at
+                :meth:`default_schedule`'s t_max instead).
+            s: (B,) re-noise times ≤ t; s = 0 returns x̂₀ and needs no noise.
+            noise: (B, C, H, W) fresh N(0, I) noise (required where s > 0).
+        """
+        if bool((t >= 1).any()):
+            raise ValueError(f"ECT cannot evaluate t = 1 (σ = ∞); start at t_max = "
+                             f"{t_max(self.config.sigma_max, SIGMA_P):.6f} (σ_max = {self.config.sigma_max})")
+        sigma = sigma_from_t(t.to(x.dtype), SIGMA_P)
+        x0 = self.f(x_sigma_from_x_t(x, t), sigma, cond.y, net).to(x.dtype)
+        if bool((s <= 0).all()):
+            return x0
+        if noise is None:
+            raise ValueError("ECT re-noises between steps: step() needs noise where s > 0")
+        s_ = per_sample(s, x).to(x.dtype)
+        return (1 - s_) * x0 + s_ * noise.to(x.dtype)
+
+    def default_schedule(self, nfe: int) -> list[float]:
+        """[t(σ_max), t(σ_1), …, t(σ_{nfe−1}), 0] with σ_i = σ_max·(σ_mid/σ_max)^{i/(nfe−1)} (σ_1 = σ_mid
+        for nfe = 2, ECT's 2-step sampler); t(σ) = σ/(σ + 1), so t(80) = 80/81."""
+        if nfe < 1:
+            raise ValueError(f"nfe must be ≥ 1, got {nfe}")
+        cfg = self.config
+        sigmas = [cfg.sigma_max * (cfg.sigma_mid / cfg.sigma_max) ** (i / (nfe - 1)) for i in range(1, nfe)]
+        return [t_max(cfg.sigma_max, SIGMA_P)] + [s / (s + SIGMA_P) for s in sigmas] + [0.0]
+
+
+def _rng_state(device: torch.device) -> Tensor | None:
+    """The global RNG state dropout would draw from on ``device`` (CPU or CUDA; ``None`` otherwise)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state() if device.type == "cpu" else None
+
+
+def _set_rng_state(device: torch.device, state: Tensor | None) -> None:
+    if state is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
