@@ -56,7 +56,8 @@ def _new_run_dir(root: Path, cfg: RunConfig) -> Path:
 
 @app.command()
 def train(
-    recipe: str = typer.Option("smoke", help="Recipe to start from (`fewstep list recipes`)."),
+    recipe: str = typer.Option("default", help="Recipe to start from (`fewstep list recipes`); "
+                               "'default' is smoke on CPU and the objective's reference recipe on a GPU."),
     objective: Optional[str] = typer.Option(None, help="Objective name, e.g. fm or tvm (default: the recipe's)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone flavour, e.g. dit-s or dit-xl; keeps the recipe's variant switches."),
     data: Optional[str] = typer.Option(None, help="Dataset: a registered name, imagefolder:PATH or hub:NAME."),

@@ -63,6 +63,19 @@ def seed_noise_and_labels(seeds: list[int], shape: tuple[int, int, int], num_cla
     return torch.stack(noise), y
 
 
+def renoise_generators(seeds: list[int], shape: tuple[int, int, int], num_classes: int) -> list[torch.Generator]:
+    """One generator per seed, advanced past that seed's prior noise and label, so the fresh noise of
+    re-noising samplers continues each seed's own stream (never reusing the prior noise)."""
+    gens = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        torch.randn(shape, generator=gen)
+        if num_classes:
+            torch.randint(num_classes, (), generator=gen)
+        gens.append(gen)
+    return gens
+
+
 @torch.no_grad()
 def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "online",
            class_label: int | None = None, guidance: float | None = None, batch_size: int = 64,
@@ -98,7 +111,7 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
         w = torch.full((len(chunk),), float(guidance), device=device) if guidance is not None else None
         cond = Condition(y=y, guidance=w)
         evals = 0
-        gens = [torch.Generator().manual_seed(seed + (1 << 32)) for seed in chunk] if objective.needs.renoise else None
+        gens = renoise_generators(chunk, shape, k) if objective.needs.renoise else None
         with torch.autocast("cuda", torch.bfloat16, enabled=autocast and device.type == "cuda"):
             for t_cur, t_next in zip(schedule, schedule[1:]):
                 t = torch.full((len(chunk),), t_cur, device=device)

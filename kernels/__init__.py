@@ -1,4 +1,10 @@
-"""Attention and (later) fused kernels; every backbone's attention goes through :func:`attention`."""
-from fewstep.kernels.attention import attention, explicit_attention, last_path, uses_forward_ad
+"""Attention and (later) fused kernels; every backbone's attention goes through
+:func:`fewstep.kernels.attention.attention`.
 
-__all__ = ["attention", "explicit_attention", "last_path", "uses_forward_ad"]
+The function ``attention`` is deliberately not re-exported here: binding it on the package would
+shadow the submodule ``fewstep.kernels.attention`` (so ``import fewstep.kernels.attention as m``
+would yield the function, and patching the module would silently miss).
+"""
+from fewstep.kernels.attention import explicit_attention, last_path, uses_forward_ad
+
+__all__ = ["explicit_attention", "last_path", "uses_forward_ad"]

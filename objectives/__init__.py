@@ -1,13 +1,13 @@
 """In-tree objectives; importing this package registers them (``fewstep list objectives``)."""
 from fewstep.objectives.fm import FlowMatching, FlowMatchingConfig
 from fewstep.objectives.meanflow import MeanFlow, MeanFlowConfig
+from fewstep.objectives.scm import SCM, SCMConfig
+from fewstep.objectives.tvm import TVMConfig, TVMObjective
 from fewstep.registry import objectives as _registry
 
-__all__ = ["FlowMatching", "FlowMatchingConfig", "MeanFlow", "MeanFlowConfig"]
+__all__ = ["FlowMatching", "FlowMatchingConfig", "MeanFlow", "MeanFlowConfig", "SCM", "SCMConfig", "TVMConfig", "TVMObjective"]
 
 for _name, _what in {
-    "tvm": "Terminal Velocity Matching (Zhou et al. 2025)",
-    "scm": "continuous-time consistency, sCM/TrigFlow (Lu & Song 2024)",
     "ect": "discrete consistency training, ECT/iCT (Geng et al. 2024)",
 }.items():
     _registry.plan(_name, f"{_what} is planned for the next fewstep release and not in this version")

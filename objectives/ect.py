@@ -3,16 +3,18 @@
 Discrete consistency training in EDM σ (specs/objectives.md §4, §4.2; official locuslab/ect
 ``training/loss.py: ECMLoss``), with the boundary-respecting CM preconditioning of :mod:`.edm`:
 
-1. σ_t ~ lognormal: ln σ_t ~ N(P_mean, P_std²) (CIFAR −1.1, 2.0; IN-64 −0.8, 1.6), clamped below at
-   σ_min (where c_out < 0 would break the boundary form; P(σ_t < 0.002) ≈ 0.5% at the defaults).
+1. σ_t ~ lognormal: ln σ_t ~ N(P_mean, P_std²) (CIFAR −1.1, 2.0; IN-64 −0.8, 1.6), truncated to
+   σ_t > σ_min by inverse CDF (below σ_min, c_out < 0 breaks the boundary form; at σ_t = σ_min the
+   residual is exactly 0 and the L2 norm's gradient is NaN). That cuts 0.5% of the mass at the defaults.
 2. The shrinking gap ("sigmoid mapping function"), stage = ⌊nimg / (stage_kimg·1000)⌋:
        σ_r = max(0, σ_t·(1 − q^{−(stage+1)}·n(σ_t))),   n(σ) = 1 + k·sigmoid(−b·σ),   k = 8, b = 1.
    Early stages give σ_r = 0 (plain denoising); each stage divides the relative gap by q. Past
    q^{stage+1} ≈ 10⁶ the gap falls below float32 resolution (σ_r rounds to σ_t): keep stages fewer.
 3. Same ε for both points, and the target pass without gradient (θ⁻ = sg θ, no EMA teacher):
-       Δ = f_θ(x + σ_t·ε, σ_t) − sg f_θ(x + σ_r·ε, σ_r),  with sg f(·, σ_r) := x where σ_r ≤ σ_min
-   (ECT: r = 0 ⇒ D(x, 0) = x; the boundary form gives f(x, σ_min) = x anyway).
-4. Pseudo-Huber distance on the whole vector (not per-dimension, as in ECT/iCT):
+       Δ = f_θ(x + σ_t·ε, σ_t) − sg f_θ(x + σ_r·ε, σ_r),  σ_r raised to σ_min, where the boundary
+   condition makes the target x + σ_min·ε without a network call (ECT, with plain EDM preconditioning,
+   uses D(x, 0) = x for r = 0; the two differ by σ_min·ε). The weight keeps the unclamped σ_r.
+4. Pseudo-Huber distance on the whole vector, as ECT/iCT do (not averaged over C·H·W):
        d = √(‖Δ‖² + c²) − c,  c = 0.00054·√(C·H·W) by default (iCT's rule; 0.06 at IN-64 = ECT's IN-64
    default); c = 0 is ECT-CIFAR's plain L2 norm.
 5. Weight λ = 1/(σ_t − σ_r) (ECT main branch / CIFAR, iCT) or "snrpk" 1/σ_t² + 1/σ_d² (ECT IN-64).
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import per_sample, randn
+from fewstep.objectives.common import per_sample, rand, randn
 from fewstep.objectives.edm import consistency_function, sigma_from_t, t_from_sigma, t_max, x_sigma_from_x_t
 from fewstep.registry import objectives
 
@@ -78,13 +80,22 @@ class ECTConfig(ObjectiveConfig):
     sigma_mid: float = 0.821
 
 
+def truncated_lognormal(n: int, P_mean: float, P_std: float, sigma_min: float, generator: torch.Generator | None,
+                        device: torch.device) -> Tensor:
+    """(n,) float64 σ with ln σ ~ N(P_mean, P_std²) conditioned on σ > σ_min (inverse CDF, one uniform each)."""
+    lo = 0.5 * math.erfc(-(math.log(sigma_min) - P_mean) / (P_std * math.sqrt(2)))   # Φ(z_min)
+    u = rand(n, generator, device).double() + 2.0 ** -25     # float32 uniforms are k·2⁻²⁴: u ∈ (0, 1)
+    return (P_mean + P_std * torch.special.ndtri(lo + (1 - lo) * u)).exp()
+
+
 def ect_stage(nimg: int, stage_kimg: float) -> int:
     """ECT stage ⌊nimg / (stage_kimg·1000)⌋ (0 at the start; +1 every ``stage_kimg`` thousand images)."""
     return int(nimg // (stage_kimg * 1000))
 
 
 def ect_sigma_r(sigma_t: Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
-    """ECT's sigmoid mapping: σ_r = max(0, σ_t·(1 − q^{−(stage+1)}·(1 + k·sigmoid(−b·σ_t)))), (B,) → (B,)."""
+    """ECT's sigmoid mapping, (B,) → (B,):
+    σ_r = max(0, σ_t·(1 − q^{−(stage+1)}·(1 + k·sigmoid(−b·σ_t))))."""
     n = 1 + k * torch.sigmoid(-b * sigma_t)
     return (sigma_t * (1 - n / q ** (stage + 1))).clamp(min=0)
 
@@ -122,8 +133,8 @@ class ECT(Objective):
                 nimg: int = 0) -> LossOutput:
         """ECT loss on data ``x`` (B, C, H, W) with labels ``y`` (B,) or ``None`` after ``nimg`` images."""
         cfg = self.config
-        sigma_t = (cfg.P_mean + cfg.P_std * randn((x.shape[0],), generator, x.device, x.dtype)).exp()
-        sigma_t = sigma_t.clamp(min=cfg.sigma_min)
+        sigma_t = truncated_lognormal(x.shape[0], cfg.P_mean, cfg.P_std, cfg.sigma_min, generator, x.device)
+        sigma_t = sigma_t.to(x.dtype)
         eps = randn(tuple(x.shape), generator, x.device, x.dtype)
         stage = ect_stage(nimg, cfg.stage_kimg)
         sigma_r = ect_sigma_r(sigma_t, stage, cfg.q, cfg.k, cfg.b)
@@ -132,17 +143,18 @@ class ECT(Objective):
     def consistency_loss(self, x: Tensor, y: Tensor | None, eps: Tensor, sigma_t: Tensor, sigma_r: Tensor,
                          stage: int = 0) -> LossOutput:
         """λ·d(f_θ(x + σ_t·ε, σ_t), sg f_θ(x + σ_r·ε, σ_r)) for given noise ε (B, C, H, W) and levels
-        σ_t > σ_r ≥ 0 (B,); targets with σ_r ≤ σ_min are x itself."""
+        σ_t > σ_min, σ_t > σ_r ≥ 0 (B,); targets with σ_r ≤ σ_min are x + σ_min·ε (boundary condition)."""
         cfg = self.config
         rng = _rng_state(x.device)
         f_t = self.f(x + per_sample(sigma_t, x) * eps, sigma_t, y)
         boundary = sigma_r <= cfg.sigma_min
-        target = x
+        sigma_r_min = sigma_r.clamp(min=cfg.sigma_min)
+        target = x + per_sample(sigma_r_min, x) * eps         # = f(·, σ_min) where σ_r ≤ σ_min
         if not bool(boundary.all()):
-            _set_rng_state(x.device, rng)            # same dropout masks in the target pass
+            _set_rng_state(x.device, rng)                     # same dropout masks in the target pass
             with torch.no_grad():
-                f_r = self.f(x + per_sample(sigma_r, x) * eps, sigma_r.clamp(min=cfg.sigma_min), y)
-            target = torch.where(per_sample(boundary, x), x, f_r.to(x.dtype))
+                f_r = self.f(target, sigma_r_min, y)
+            target = torch.where(per_sample(boundary, x), target, f_r.to(x.dtype))
         dt = torch.promote_types(x.dtype, torch.float32)    # fp32 loss (fp64 in float64 tests)
         diff = (f_t.to(dt) - target.to(dt)).flatten(1)
         c = self.huber_c(x)
@@ -185,8 +197,8 @@ class ECT(Objective):
         return (1 - s_) * x0 + s_ * noise.to(x.dtype)
 
     def default_schedule(self, nfe: int) -> list[float]:
-        """[t(σ_max), t(σ_1), …, t(σ_{nfe−1}), 0] with σ_i = σ_max·(σ_mid/σ_max)^{i/(nfe−1)} (σ_1 = σ_mid
-        for nfe = 2, ECT's 2-step sampler); t(σ) = σ/(σ + 1), so t(80) = 80/81."""
+        """[t(σ_max), t(σ_1), …, t(σ_{nfe−1}), 0] with σ_i = σ_max·(σ_mid/σ_max)^{i/(nfe−1)}
+        (σ_1 = σ_mid for nfe = 2, ECT's 2-step sampler); t(σ) = σ/(σ + 1), so t(80) = 80/81."""
         if nfe < 1:
             raise ValueError(f"nfe must be ≥ 1, got {nfe}")
         cfg = self.config

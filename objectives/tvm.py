@@ -68,16 +68,8 @@ class TVMConfig(ObjectiveConfig):
     detach_jvp: bool = False
 
     def __post_init__(self) -> None:
-        ranged = (self.guidance_min, self.guidance_max)
         checks = [
             (self.guidance is None or self.guidance > 0, f"guidance must be > 0, got {self.guidance}"),
-            (self.guidance is None or ranged == (None, None),
-             f"guidance={self.guidance} and a random range {ranged} are both set; set guidance=None "
-             f"to draw w ~ U(guidance_min, guidance_max)"),
-            ((ranged[0] is None) == (ranged[1] is None),
-             f"set both guidance_min and guidance_max or neither, got {ranged}"),
-            (None in ranged or 0 < ranged[0] <= ranged[1],
-             f"need 0 < guidance_min ≤ guidance_max, got {ranged}"),
             (0 <= self.label_dropout <= 1, f"label_dropout must lie in [0, 1], got {self.label_dropout}"),
             (0 <= self.teacher_beta <= 1, f"teacher_beta must lie in [0, 1], got {self.teacher_beta}"),
             (self.gap_std > 0 and self.s_std > 0, f"gap_std and s_std must be > 0, got {self.gap_std}, {self.s_std}"),
@@ -85,6 +77,18 @@ class TVMConfig(ObjectiveConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TVMConfig: {message}")
+
+    def check_guidance(self) -> None:
+        """Cross-field guidance checks (run when the objective is built, so that ``--set`` overrides
+        applied one field at a time may pass through intermediate states)."""
+        ranged = (self.guidance_min, self.guidance_max)
+        if self.guidance is not None and ranged != (None, None):
+            raise ValueError(f"TVMConfig: guidance={self.guidance} and a random range {ranged} are both set; "
+                             f"set guidance=None to draw w ~ U(guidance_min, guidance_max)")
+        if (ranged[0] is None) != (ranged[1] is None):
+            raise ValueError(f"TVMConfig: set both guidance_min and guidance_max or neither, got {ranged}")
+        if ranged[0] is not None and not 0 < ranged[0] <= ranged[1]:
+            raise ValueError(f"TVMConfig: need 0 < guidance_min ≤ guidance_max, got {ranged}")
 
 
 @dataclass
@@ -124,6 +128,7 @@ class TVMObjective(Objective):
 
     def __init__(self, backbone: nn.Module, config: TVMConfig, num_classes: int,
                  ema_betas: dict[str, float] | None = None):
+        config.check_guidance()
         super().__init__(backbone, config, num_classes, ema_betas)
         self.teacher = frozen_copy(backbone)
 

@@ -29,8 +29,17 @@ def test_list_shows_every_kind():
     assert bad.exit_code == 2 and "did you mean 'objectives'" in bad.output
 
 
+def test_tvm_on_dit_xl_resolves_with_the_embedders_it_needs():
+    res = run("train", "--objective", "tvm", "--backbone", "dit-xl", "--dry-run")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.output)
+    assert cfg["objective"]["name"] == "tvm" and cfg["objective"]["teacher_beta"] == 0.99
+    assert cfg["backbone"]["depth"] == 28 and cfg["backbone"]["hidden_size"] == 1152
+    assert cfg["backbone"]["gap_embedder"] and cfg["backbone"]["guidance_embedder"]
+
+
 def test_dry_run_prints_the_resolved_config():
-    res = run("train", "--backbone", "dit-s", "--kimg", "5", "--batch", "32", "--set", "train.lr=3e-4", "--dry-run")
+    res = run("train", "--recipe", "smoke", "--backbone", "dit-s", "--kimg", "5", "--batch", "32", "--set", "train.lr=3e-4", "--dry-run")
     assert res.exit_code == 0, res.output
     cfg = json.loads(res.output)
     assert cfg["backbone"]["name"] == "dit-s" and cfg["backbone"]["depth"] == 12
@@ -39,7 +48,6 @@ def test_dry_run_prints_the_resolved_config():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--objective", "tvm", "--backbone", "dit-xl"], "objective 'tvm' is not implemented yet"),
     (["--objective", "flow"], "unknown objective 'flow'"),
     (["--backbone", "dit-xxl"], "did you mean 'dit-xl'"),
     (["--recipe", "smok"], "did you mean 'smoke'"),

@@ -11,7 +11,7 @@ from fewstep.contracts import Condition, DataSpec
 from fewstep.objectives.ect import ECT, ECTConfig, ect_sigma_r, ect_stage
 from fewstep.objectives.edm import (cm_preconditioning, sigma_from_t, t_from_sigma, t_max, x_sigma_from_x_t,
                                     x_t_from_x_sigma)
-from fewstep.sample import sample
+from fewstep.sample import sample, seed_noise_and_labels
 
 from ect_oracle import EDMGaussianOracle, a_of, residual_variance
 from gaussian import class_means, gaussian_batch
@@ -31,13 +31,11 @@ def pair(n: int, seed: int = 1):
 
 
 def closed_residual(obj: ECT, x, y, eps, sigma_t, sigma_r):
-    """(B, C, H, W) f*(x + σ_t ε, σ_t) − target with target x where σ_r ≤ σ_min (ect_oracle docstring)."""
+    """(B, C, H, W) f*(x + σ_t ε, σ_t) − f*(x + σ_r ε, σ_r), σ_r raised to σ_min (ect_oracle docstring)."""
     mu = obj.backbone.means[y]
-    a_t = a_of(sigma_t, STD).view(-1, 1, 1, 1)
-    edge = (sigma_r <= obj.config.sigma_min).view(-1, 1, 1, 1)
-    a_r = torch.where(edge, 1.0, a_of(sigma_r, STD).view(-1, 1, 1, 1))
-    s_r = torch.where(edge, 0.0, sigma_r.view(-1, 1, 1, 1))
-    return (a_t - a_r) * (x - mu) + (a_t * sigma_t.view(-1, 1, 1, 1) - a_r * s_r) * eps
+    s_t, s_r = sigma_t.view(-1, 1, 1, 1), sigma_r.clamp(min=obj.config.sigma_min).view(-1, 1, 1, 1)
+    a_t, a_r = a_of(s_t, STD), a_of(s_r, STD)
+    return (a_t - a_r) * (x - mu) + (a_t * s_t - a_r * s_r) * eps
 
 
 # -- EDM σ boundary and preconditioning ---------------------------------------------------------------
@@ -67,8 +65,8 @@ def test_boundary_condition_is_exact_and_backbone_sees_toolkit_time():
     x = torch.randn(8, 1, 4, 4)
     at_min = torch.full((8,), 0.002)
     assert torch.equal(obj.f(x, at_min, None, net), x)
-    c_skip, c_out, c_in = cm_preconditioning(at_min.double())
-    assert torch.equal(c_skip, torch.ones(8, dtype=torch.float64)) and torch.equal(c_out, torch.zeros(8, dtype=torch.float64))
+    c_skip, c_out, c_in = cm_preconditioning(torch.full((8,), 0.002, dtype=torch.float64))
+    assert torch.equal(c_skip, torch.ones_like(c_skip)) and torch.equal(c_out, torch.zeros_like(c_out))
     sigma = torch.full((8,), 3.0)
     out = obj.f(x, sigma, None, net)
     u, t, s = seen[-1]
@@ -94,9 +92,9 @@ def test_loss_is_weighted_pseudo_huber_of_the_closed_form_residual(weighting, hu
     obj = ect(weighting=weighting, huber_c=huber_c)
     x, y, eps = pair(512)
     sigma_t = torch.exp(torch.randn(512, dtype=torch.float64) * 2 - 1.1).clamp(min=0.002)
-    sigma_r = ect_sigma_r(sigma_t, stage=2)                   # mix of boundary (σ_r = 0) and interior targets
-    assert 0.1 < float((sigma_r <= 0.002).double().mean()) < 0.9
-    out = obj.consistency_loss(x, y, eps, sigma_t, sigma_r, stage=2)
+    sigma_r = ect_sigma_r(sigma_t, stage=1)                   # mix of boundary (σ_r = 0) and interior targets
+    assert 0.3 < float((sigma_r <= 0.002).double().mean()) < 0.7
+    out = obj.consistency_loss(x, y, eps, sigma_t, sigma_r, stage=1)
     c = 0.00054 * math.sqrt(D) if huber_c is None else huber_c
     sq = closed_residual(obj, x, y, eps, sigma_t, sigma_r).flatten(1).square().sum(1)
     w = 1 / (sigma_t - sigma_r) if weighting == "gap" else 1 / sigma_t ** 2 + 1 / 0.25
@@ -113,9 +111,10 @@ def test_gradient_flows_only_through_the_online_branch():
     sigma_r = ect_sigma_r(sigma_t, stage=3)
     obj.consistency_loss(x, y, eps, sigma_t, sigma_r).loss.backward()
     c_out_t = cm_preconditioning(sigma_t)[1]
-    c_out_r = torch.where(sigma_r <= 0.002, 0.0, cm_preconditioning(sigma_r.clamp(min=0.002))[1])
+    c_out_r = cm_preconditioning(sigma_r.clamp(min=0.002))[1]               # 0 at the boundary
     delta = closed_residual(obj, x, y, eps, sigma_t, sigma_r).flatten(1) + 0.1 * (c_out_t - c_out_r).view(-1, 1)
-    # d/dδ of λ·(√(‖Δ‖² + c²) − c) with sg on the target: ∂Δ/∂δ = c_out(σ_t)·1 (not c_out(σ_t) − c_out(σ_r))
+    # d/dδ of λ·(√(‖Δ‖² + c²) − c) with sg on the target: ∂Δ/∂δ = c_out(σ_t)·1,
+    # not c_out(σ_t) − c_out(σ_r) as it would be without the stop-gradient
     grad = (1 / (sigma_t - sigma_r)) * delta.sum(1) * c_out_t / (delta.square().sum(1) + 0.06 ** 2).sqrt()
     assert torch.allclose(obj.backbone.offset.grad, grad.mean(), rtol=1e-9)
 
@@ -125,16 +124,16 @@ def test_expected_residual_matches_closed_form_and_vanishes_as_the_gap_shrinks()
     x, y, eps = pair(20_000)
     sigma_t = torch.full((20_000,), 0.7, dtype=torch.float64)
     v_prev = math.inf
-    for stage in range(8):
+    for stage in range(10):
         sigma_r = ect_sigma_r(sigma_t, stage)
         out = obj.consistency_loss(x, y, eps, sigma_t, sigma_r, stage)
         mc = float(((out.per_sample * (sigma_t - sigma_r)) ** 2).mean()) / D      # ‖Δ‖²/D
         v = float(residual_variance(sigma_t[:1], sigma_r[:1], STD))
         assert abs(mc / v - 1) < 0.03                                            # SE ≈ √(2/D)/√N ≈ 0.25%
-        assert v < v_prev / 3.0                                                  # ~q² = 4 per stage once σ_r > 0
+        assert v < v_prev / (3.0 if stage >= 2 else 1.0)                         # → q² = 4 per stage
         v_prev = v
     assert v_prev < 1e-4
-    limit = STD ** 4 / (STD ** 2 + 0.7 ** 2) ** 2          # E‖Δ‖²/(D·gap²) → ‖d f*/dσ‖² per dimension
+    limit = (STD ** 2 + 0.002 ** 2) * STD ** 2 / (STD ** 2 + 0.7 ** 2) ** 2   # E‖Δ‖²/(D·gap²) → this
     gap = float(sigma_t[0] - sigma_r[0])
     assert abs(v_prev / gap ** 2 / limit - 1) < 0.01
 
@@ -148,7 +147,7 @@ def test_offset_perturbed_oracle_has_a_larger_expected_loss():
     worse = ect(offset=0.5, huber_c=0.0)(x, y, torch.Generator().manual_seed(0), nimg=nimg)
     assert int(exact.logs["stage"]) == 5
     assert float(worse.logs["distance"]) > 1.02 * float(exact.logs["distance"])
-    assert float(worse.loss) > 1.02 * float(exact.loss)
+    assert float(worse.loss.detach()) > 1.02 * float(exact.loss.detach())
 
 
 # -- schedules ------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def test_gap_schedule_values_and_stages():
         hand = max(0.0, sigma_t * (1 - (1 + 8 * sig(-sigma_t)) / q ** (stage + 1)))
         got = float(ect_sigma_r(torch.tensor([sigma_t], dtype=torch.float64), stage, q=q))
         assert abs(got - hand) < 1e-14
-    assert abs(float(ect_sigma_r(torch.tensor([1.0], dtype=torch.float64), 2)) - 0.6060806) < 1e-6
+    assert abs(float(ect_sigma_r(torch.tensor([1.0], dtype=torch.float64), 2)) - 0.60605858) < 1e-8
     sigma_t = torch.logspace(-2.5, 2, 50, dtype=torch.float64)
     ratios = torch.stack([ect_sigma_r(sigma_t, s) / sigma_t for s in range(25)])
     assert bool((ratios < 1).all()) and bool((ratios[1:] >= ratios[:-1]).all())
@@ -173,9 +172,11 @@ def test_forward_draws_lognormal_sigma_and_maps_r_with_the_current_stage():
     assert int(out.logs["stage"]) == 3
     t_t, t_r = obj.backbone.seen_t[-2:]
     sigma_t, sigma_r = sigma_from_t(t_t), sigma_from_t(t_r)
-    log_s = sigma_t.log()
-    q25, q50, q75 = torch.quantile(log_s[:50_000], torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    assert abs(float(q50) + 1.1) < 0.03 and abs(float(q75 - q25) / 1.34898 - 2.0) < 0.05
+    assert bool((sigma_t > 0.002).all())
+    lo = torch.special.ndtr(torch.tensor((math.log(0.002) + 1.1) / 2.0, dtype=torch.float64))   # truncation
+    p = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    expected = -1.1 + 2.0 * torch.special.ndtri(lo + (1 - lo) * p)
+    assert torch.allclose(torch.quantile(sigma_t.log()[:50_000], p), expected, atol=0.04)
     inside = sigma_r > 0.002 + 1e-9
     assert torch.allclose(sigma_r[inside], ect_sigma_r(sigma_t, 3)[inside], rtol=1e-9)
     gap = t_from_sigma(sigma_t) - t_from_sigma(ect_sigma_r(sigma_t, 3))
@@ -226,6 +227,16 @@ def test_one_and_two_step_oracle_samples_have_the_closed_form_moments():
     assert abs(float((two.images.double() - means[two.labels]).std()) / STD - 1) < 0.02
 
 
+def test_renoise_noise_is_independent_of_the_prior_noise():
+    # ECT's 2-step sampler needs fresh ε′; equal to the prior noise, x̂₀ and ε′ are correlated.
+    obj, seen = ect(), []
+    step = obj.step
+    obj.step = lambda x, t, s, cond, net=None, noise=None: seen.append(noise) or step(x, t, s, cond, net, noise)
+    sample(obj, list(range(6)), nfe=2)
+    prior, _ = seed_noise_and_labels(list(range(6)), (1, 4, 4), 3)
+    assert not torch.allclose(seen[0], prior), "sampler re-noise equals the prior noise (CPU seeds use 32 bits)"
+
+
 def tiny_dit(seed: int = 0) -> torch.nn.Module:
     data = DataSpec(name="x", channels=1, resolution=8, num_classes=3, num_items=1)
     cfg = DiTConfig(name="dit-debug", depth=1, hidden_size=32, num_heads=2, patch_size=4,
@@ -256,7 +267,7 @@ def test_tiny_dit_trains_and_samples():
     for name, p in obj.backbone.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and bool(p.grad.isfinite().all()), name
-    assert any(float(p.grad.abs().sum()) > 0 for p in obj.backbone.parameters())
+    assert any(float(p.grad.abs().sum()) > 0 for p in obj.backbone.parameters() if p.requires_grad)
     assert obj.flops_per_sample(1.0) == 4.0
     for nfe in (1, 2):
         res = sample(obj, [0, 1], nfe=nfe)

@@ -221,10 +221,13 @@ def test_random_guidance_modes_and_config_checks():
     assert 1.5 <= float(w.min()) and float(w.max()) <= 2.5 and abs(float(w.mean()) - 2.0) < 0.01
     beta = 1 / TVMObjective(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(guidance=None), K).training_guidance(100_000, gen, torch.device("cpu"))
     assert 0 < float(beta.min()) and float(beta.max()) <= 1 and abs(float(beta.mean()) - 0.5) < 0.005
-    for bad in ({"guidance_min": 1.0, "guidance_max": 2.0}, {"guidance": None, "guidance_min": 1.0},
-                {"label_dropout": 1.5}, {"guidance": 0.0}):
+    for bad in ({"label_dropout": 1.5}, {"guidance": 0.0}, {"teacher_beta": 2.0}):
         with pytest.raises(ValueError, match="TVMConfig"):
             TVMConfig(**bad)
+    for bad in ({"guidance_min": 1.0, "guidance_max": 2.0}, {"guidance": None, "guidance_min": 1.0},
+                {"guidance": None, "guidance_min": 2.0, "guidance_max": 1.0}):
+        with pytest.raises(ValueError, match="TVMConfig"):
+            TVMObjective(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(**bad), K)
 
 
 def test_terminal_term_is_masked_where_s_equals_t_and_nonfinite_is_counted(monkeypatch):

@@ -1,14 +1,16 @@
-"""Sliced Wasserstein-2 distance between two point sets (Rabin et al., 2011; Bonneel et al., 2015).
+"""Sliced Wasserstein distance between two point sets (Rabin et al., 2011; Bonneel et al., 2015).
 
-SW₂(μ, ν)² = E_θ W₂²(θ#μ, θ#ν), θ uniform on the unit sphere S^{D−1}, where θ#μ is the law of ⟨x, θ⟩.
-In one dimension W₂²(α, β) = ∫₀¹ (Q_α(q) − Q_β(q))² dq with Q the quantile function. For the empirical
+SW_p(μ, ν)^p = E_θ W_p^p(θ#μ, θ#ν), θ uniform on the unit sphere S^{D−1}, where θ#μ is the law of
+⟨x, θ⟩; the default is p = 2 (SW₂), p = 1 is also available. In one dimension
+W_p^p(α, β) = ∫₀¹ |Q_α(q) − Q_β(q)|^p dq with Q the quantile function. For the empirical
 measures of N and M points, Q is the step function ``Q(q) = sorted[⌊qN⌋]``; the integral is taken with
 the midpoint rule on the common grid q_i = (i + ½)/G, G = max(N, M), which is exact when one of N, M
 divides the other (in particular N = M, where it pairs the i-th smallest projections). The expectation
 over θ is a Monte-Carlo mean over ``num_projections`` random directions.
 
 Properties (used by the tests): SW₂(a, a) = 0; SW₂(c·a, c·b) = |c|·SW₂(a, b); it is invariant to a common
-translation; and for a shift b = a + Δ, SW₂² = mean_θ ⟨Δ, θ⟩² → ‖Δ‖²/D. Units are those of the data.
+translation; and for a shift b = a + Δ, SW₂² = mean_θ ⟨Δ, θ⟩² → ‖Δ‖²/D (and SW₁ = mean_θ |⟨Δ, θ⟩|,
+2‖Δ‖/π in 2-D). Units are those of the data.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _quantile_index(n: int, grid: int) -> Tensor:
 
 def sliced_wasserstein(a: Tensor, b: Tensor, num_projections: int = 1024,
                        generator: torch.Generator | None = None, chunk: int = 128, p: int = 2) -> float:
-    """SW₂ between the empirical measures of ``a`` (N, D) and ``b`` (M, D), in data units.
+    """SW_p (default SW₂) between the empirical measures of ``a`` (N, D) and ``b`` (M, D), in data units.
 
     Args:
         a, b: point sets with the same dimension D (any float dtype/device; computed in float64 on CPU).
@@ -43,9 +45,12 @@ def sliced_wasserstein(a: Tensor, b: Tensor, num_projections: int = 1024,
         generator: CPU generator for the directions; ``None`` uses a fixed seed (0), so the metric is
             deterministic and two calls compare the same slices.
         chunk: directions processed at once (bounds memory to ~max(N, M)·chunk floats).
+        p: the order, 1 or 2.
     Returns:
-        SW₂ ≥ 0 as a Python float.
+        SW_p ≥ 0 as a Python float.
     """
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"sliced_wasserstein needs (N, D) and (M, D) point sets with the same D, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
