@@ -27,7 +27,7 @@ def toy2d(objective: str = "fm") -> RunConfig:
         objective=objective_config(objective),
         backbone=MLPConfig(name="mlp", width=256, depth=3),
         data=DataConfig(name="toy2d"),
-        train=TrainConfig(total_kimg=800, batch=256, lr=1e-3, betas=(0.9, 0.99), ema_betas={"ema": 0.995},
+        train=TrainConfig(total_kimg=600, batch=256, lr=1e-3, betas=(0.9, 0.99), ema_betas={"ema": 0.995},
                           precision="fp32", status_kimg=50, checkpoint_kimg=0, sample_kimg=0,
                           keep_checkpoints=1),
         sample=SampleConfig(nfe=(1, 4), num_images=5000, weights="ema"),

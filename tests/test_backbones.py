@@ -291,15 +291,19 @@ def bad_calls():
     uncond = DiT(debug(), 3, 8, 0)
     x, t, s, y, g = torch.randn(2, 3, 8, 8), torch.rand(2), torch.rand(2), torch.tensor([0, 5]), torch.rand(2)
     return [
-        ("channels", lambda: one_time(torch.randn(2, 4, 8, 8), t), r"4 channels but this DiT expects 3.*\(2, 4, 8, 8\)"),
+        ("channels", lambda: one_time(torch.randn(2, 4, 8, 8), t),
+         r"4 channels but this DiT expects 3.*\(2, 4, 8, 8\)"),
         ("resolution", lambda: one_time(torch.randn(2, 3, 16, 16), t), r"resolution 16×16 .* built for 8×8"),
         ("x-rank", lambda: one_time(torch.randn(3, 8, 8), t), r"\(B, 3, 8, 8\), got shape \(3, 8, 8\)"),
         ("t-shape", lambda: one_time(x, t[:, None]), r"t must be a float tensor of shape \(B,\) = \(2,\)"),
-        ("label-range", lambda: one_time(x, t, y=torch.tensor([0, 6])), r"\[0, 5\] \(5 = null\), got values in \[0, 6\]"),
+        ("guidance-float", lambda: tvm(x, t, s, y, guidance=0.5), r"guidance must be a float tensor .* got 0.5"),
+        ("label-range", lambda: one_time(x, t, y=torch.tensor([0, 6])),
+         r"\[0, 5\] \(5 = null\), got values in \[0, 6\]"),
         ("label-negative", lambda: one_time(x, t, y=torch.tensor([-1, 0])), r"got values in \[-1, 0\]"),
         ("label-dtype", lambda: one_time(x, t, y=torch.tensor([0.0, 1.0])), r"y must be an int64 tensor"),
         ("unconditional", lambda: uncond(x, t, y=y), r"unconditional \(num_classes=0\)"),
-        ("two-time", lambda: one_time(x, t, s), r"two-time call F\(x, t, s\) on a one-time DiT \(gap_embedder=False\)"),
+        ("two-time", lambda: one_time(x, t, s),
+         r"two-time call F\(x, t, s\) on a one-time DiT \(gap_embedder=False\)"),
         ("missing-guidance", lambda: tvm(x, t, s, y), r"missing guidance="),
         ("unexpected-guidance", lambda: one_time(x, t, guidance=g), r"no guidance embedder"),
         ("unknown-cond", lambda: tvm(x, t, s, y, guidance=g, foo=g), r"unknown conditions \['foo'\]"),

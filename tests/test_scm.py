@@ -250,6 +250,7 @@ def test_time_proposal_is_lognormal_in_edm_sigma():
 # -- on the DiT --------------------------------------------------------------------------------------
 def test_tiny_dit_trains_samples_and_is_batch_size_invariant():
     assert objectives.get("scm") is SCM and SCM.needs.renoise and SCM.needs.time_inputs == 1
+    torch.manual_seed(0)   # the DiT's init draws from the global RNG: fix it so the test is order-independent
     obj = SCM(tiny_dit(), SCMConfig(sigma_data=SD), num_classes=3, ema_betas={"ema": 0.99})
     gen = torch.Generator().manual_seed(0)
     x, y = SD * torch.randn(4, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2, 3])
@@ -268,7 +269,8 @@ def test_tiny_dit_trains_samples_and_is_batch_size_invariant():
         res = sample(obj, list(range(7)), nfe, batch_size=4)
         assert res.images.shape == (7, 1, 8, 8) and torch.isfinite(res.images).all()
     a, b = sample(obj, list(range(7)), 2, batch_size=4), sample(obj, list(range(7)), 2, batch_size=3)
-    assert torch.allclose(a.images, b.images, atol=1e-5)
+    scale = float(a.images.abs().max())   # outputs reach ~10 with these weights: float32 rounding scales with them
+    torch.testing.assert_close(a.images, b.images, rtol=1e-5, atol=1e-5 * scale)
     assert not torch.allclose(a.images, sample(obj, list(range(7)), 1, batch_size=4).images, atol=1e-3)
     assert obj.flops_per_sample(1.0) == 4.0
     with pytest.raises(ValueError, match="guidance"):
