@@ -119,9 +119,14 @@ def sample(
         for n in nfes:
             res = run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
                               guidance=guidance, batch_size=batch, device=dev, autocast=dev.type == "cuda")
-            blocks.append(to_uint8(res.images))
+            blocks.append(to_uint8(res.images) if res.images.shape[1] in (1, 3) else None)
             results.append(res)
-        write_png(out, make_grid(blocks))
+        if ckpt.manifest["data_spec"].get("kind") == "points":   # toy data: one scatter panel per NFE
+            from fewstep.plots import scatter_png
+
+            scatter_png(out, [r.images.flatten(1)[:, :2] for r in results])
+        else:
+            write_png(out, make_grid(blocks))
         if save_tensor:
             from safetensors.torch import save_file
 

@@ -1,6 +1,7 @@
 """The 2-D toy recipe: every objective trained and scored on a CPU in about a minute.
 
-Data: ``toy2d`` (8 Gaussians on a circle, unit std, 8 classes). Backbone: a residual MLP. At the end
+Data: ``toy2d`` (8 Gaussians on a circle, scaled to zero mean and unit covariance; 4 classes, each owning
+two opposite modes, so a class is not a single Gaussian). Backbone: a residual MLP. At the end
 of training the loop writes ``metrics.json`` (sliced Wasserstein-2 to held-out points at 1 and 4
 steps, and the noise floor between two halves of the test split) and ``samples/scatter.png``.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from fewstep.backbones.mlp import MLPConfig
 from fewstep.config import DataConfig, RunConfig, SampleConfig, TrainConfig
-from fewstep.recipes.common import objective_config
+from fewstep.recipes.common import objective_config, only_known
 from fewstep.registry import recipes
 
 
@@ -17,17 +18,26 @@ from fewstep.registry import recipes
 def toy2d(objective: str = "fm") -> RunConfig:
     """A run that trains in about a minute on 2 CPU cores and is scored by sliced Wasserstein.
 
-    Choices, and why: a width-256, depth-3 residual MLP; batch 256 and a high learning rate (1e-3)
-    because the run is short; AdamW betas (0.9, 0.99); fp32; an EMA of 0.999 per step (≈ 1 000-step
-    horizon, a third of the run); no periodic grids (points have no image grid) and a checkpoint only
-    at the end. ``sample.num_images`` is the number of points scored per NFE.
+    Choices, and why: a width-256, depth-3 residual MLP (≈ 22 000 img/s for flow matching on two idle
+    CPU cores, so 1 000 kimg ≈ 45 s; objectives with JVPs cost 2–3×); batch 256 and a high learning
+    rate (1e-3) because the run is short; AdamW betas (0.9, 0.99); fp32; an EMA of 0.995 per step
+    (a 200-step horizon: 0.999 still weighs the initial weights by ≈ 0.2 after 1 500 steps and
+    measurably hurts); no periodic grids (points have no image grid) and a checkpoint only at the
+    end. ``sample.num_images`` is the number of points scored per NFE.
+
+    Flow matching reaches SW₂ ≈ 0.84 at 1 step (its one-step sample is E[x | y] = 0) and ≈ 0.09 at
+    4 steps, against a noise floor of ≈ 0.08 (the exact velocity gives 1.00 and 0.09).
     """
+    # Schedules of the consistency objectives scaled to the 1 000-kimg budget (their papers' values assume
+    # hundreds of thousands of steps): sCM's tangent warm-up over the first 10 %, ECT's gap halving 8 times.
+    # The data has unit std, so σ_data = 1.
+    obj = only_known(objective_config(objective), warmup_kimg=100.0, stage_kimg=125.0, sigma_data=1.0)
     return RunConfig(
         recipe="toy2d",
-        objective=objective_config(objective),
+        objective=obj,
         backbone=MLPConfig(name="mlp", width=256, depth=3),
         data=DataConfig(name="toy2d"),
-        train=TrainConfig(total_kimg=600, batch=256, lr=1e-3, betas=(0.9, 0.99), ema_betas={"ema": 0.995},
+        train=TrainConfig(total_kimg=1000, batch=256, lr=1e-3, betas=(0.9, 0.99), ema_betas={"ema": 0.995},
                           precision="fp32", status_kimg=50, checkpoint_kimg=0, sample_kimg=0,
                           keep_checkpoints=1),
         sample=SampleConfig(nfe=(1, 4), num_images=5000, weights="ema"),

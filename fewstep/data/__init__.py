@@ -7,9 +7,10 @@ from fewstep.data.base import (DataError, DataNotFoundError, ImageDataset, InMem
 from fewstep.data.fashion_mnist import CLASS_NAMES, FashionMNIST, read_idx
 from fewstep.data.hf import HFImageDataset, center_crop, from_hf
 from fewstep.data.loader import BatchStream, IndexStream, epoch_permutation
+from fewstep.data.toy2d import Toy2D
 
 __all__ = [
     "BatchStream", "CLASS_NAMES", "DataError", "DataNotFoundError", "FashionMNIST", "HFImageDataset",
     "ImageDataset", "InMemoryImageDataset", "IndexStream", "center_crop", "epoch_permutation", "from_hf",
-    "load_dataset", "read_idx", "u8_to_float",
+    "load_dataset", "read_idx", "u8_to_float", "Toy2D",
 ]

@@ -242,7 +242,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
 
                 held_out = load_dataset(dataclasses.replace(cfg.data, split="test"))
                 evaluate_points(accelerator.unwrap_model(model), held_out, run_dir, nfes=cfg.sample.nfe,
-                                weights=cfg.sample.weights)
+                                num=cfg.sample.num_images, weights=cfg.sample.weights,
+                                guidance=cfg.sample.guidance)
         else:
             grid("final")
     finally:
