@@ -311,8 +311,13 @@ class DiT(nn.Module):
 # Flavours (sizes); patch size is the ``patch_size`` field
 # ---------------------------------------------------------------------------------------------------
 def _sized(base: BackboneConfig | None, name: str, depth: int, hidden_size: int, num_heads: int) -> DiTConfig:
-    """``base``'s switches (when it is a DiTConfig) at the given size; otherwise a default DiTConfig."""
+    """``base``'s switches (when it is a DiTConfig) at the given size; otherwise a default DiTConfig.
+
+    A base that already has this depth and width keeps its head count (TVM's 18-head XL stays 18-head).
+    """
     if isinstance(base, DiTConfig):
+        if (base.depth, base.hidden_size) == (depth, hidden_size):
+            num_heads = base.num_heads
         return dataclasses.replace(base, name=name, depth=depth, hidden_size=hidden_size, num_heads=num_heads)
     return DiTConfig(name=name, depth=depth, hidden_size=hidden_size, num_heads=num_heads)
 

@@ -15,16 +15,14 @@ from fewstep.registry import objectives
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Make the backbone config provide what the objective needs (gap / guidance embedders).
-
-    The saved config is the resolved one, so it states exactly what was trained.
+    """Give the backbone exactly the embedders the objective feeds: a gap embedder iff it makes two-time
+    calls, a guidance embedder iff it feeds a guidance input. (An embedder that is never fed would get
+    no gradient, which DDP rejects, and would make checkpoints of different objectives differ for
+    nothing.) The saved config is the resolved one, so it states exactly what was trained.
     """
     needs = objectives.get(cfg.objective.name).needs
-    changes = {}
-    if needs.time_inputs == 2 and hasattr(cfg.backbone, "gap_embedder") and not cfg.backbone.gap_embedder:
-        changes["gap_embedder"] = True
-    if needs.guidance_input and hasattr(cfg.backbone, "guidance_embedder") and not cfg.backbone.guidance_embedder:
-        changes["guidance_embedder"] = True
+    wanted = {"gap_embedder": needs.time_inputs == 2, "guidance_embedder": needs.guidance_input}
+    changes = {k: v for k, v in wanted.items() if hasattr(cfg.backbone, k) and getattr(cfg.backbone, k) != v}
     if changes:
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, **changes))
     return cfg
