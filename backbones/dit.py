@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fewstep.backbones.inputs import check_conditioning
 from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder,
                                       make_norm, modulate, sincos_pos_embed_2d, spectral_init_,
                                       xavier_uniform_flat_)
@@ -263,35 +264,9 @@ class DiT(nn.Module):
         if tuple(x.shape[2:]) != (R, R):
             raise ValueError(f"x has resolution {x.shape[2]}×{x.shape[3]} but this DiT was built for "
                              f"{R}×{R} (patch_size {self.config.patch_size}): got shape {tuple(x.shape)}")
-        B = x.shape[0]
-        unknown = sorted(set(cond) - {"guidance"})
-        if unknown:
-            raise TypeError(f"unknown conditions {unknown}; the DiT accepts only guidance=")
-        for name, v in {"t": t, "s": s, **cond}.items():
-            if v is None:
-                continue
-            if not torch.is_tensor(v) or v.shape != (B,) or not v.is_floating_point():
-                got = f"{v.dtype} of shape {tuple(v.shape)}" if torch.is_tensor(v) else repr(v)
-                raise ValueError(f"{name} must be a float tensor of shape (B,) = ({B},), got {got}")
-        if s is not None and self.gap_embedder is None:
-            raise ValueError("got s: a two-time call F(x, t, s) on a one-time DiT (gap_embedder=False); "
-                             "pass s=None or build with gap_embedder=True")
-        if self.guidance_embedder is not None and "guidance" not in cond:
-            raise ValueError("missing guidance=: this DiT has a guidance embedder (guidance_embedder=True); "
-                             "pass a (B,) float tensor (TVM feeds β = 1/w)")
-        if self.guidance_embedder is None and "guidance" in cond:
-            raise ValueError("got guidance= but this DiT has no guidance embedder (guidance_embedder=False)")
-        if y is None:
-            return
-        if self.y_embedder is None:
-            raise ValueError("got labels y but this DiT is unconditional (num_classes=0); pass y=None")
-        if y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"y must be an int64 tensor of shape (B,) = ({B},), got {y.dtype} "
-                             f"of shape {tuple(y.shape)}")
-        if not (y.is_meta or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(y)):
-            if bool(((y < 0) | (y > self.num_classes)).any()):  # one host sync
-                raise ValueError(f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
-                                 f"got values in [{int(y.min())}, {int(y.max())}]")
+        check_conditioning("DiT", x.shape[0], t, s, y, cond, has_gap=self.gap_embedder is not None,
+                           has_guidance=self.guidance_embedder is not None, has_labels=self.y_embedder is not None,
+                           num_classes=self.num_classes)
 
     # -- accounting -----------------------------------------------------------------------------
     def forward_flops(self, batch: int) -> float:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fewstep.backbones.inputs import check_conditioning
 from fewstep.backbones.layers import EPS, FREQUENCY_DIM, TimestepEmbedder
 from fewstep.config import BackboneConfig
 from fewstep.contracts import DataSpec
@@ -143,32 +144,9 @@ class MLP(nn.Module):
         C, R = self.in_channels, self.input_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (C, R, R):
             raise ValueError(f"x must be (B, C, H, W) = (B, {C}, {R}, {R}) for this MLP, got shape {tuple(x.shape)}")
-        B = x.shape[0]
-        for name, v in {"t": t, "s": s, **cond}.items():
-            if v is not None and (v.shape != (B,) or not v.is_floating_point()):
-                raise ValueError(f"{name} must be a float tensor of shape (B,) = ({B},), got "
-                                 f"{v.dtype} of shape {tuple(v.shape)}")
-        if s is not None and self.gap_embedder is None:
-            raise ValueError("got s: a two-time call F(x, t, s) on a one-time MLP (gap_embedder=False); "
-                             "pass s=None or build with gap_embedder=True")
-        unknown = sorted(set(cond) - {"guidance"})
-        if unknown:
-            raise TypeError(f"unknown conditions {unknown}; the MLP accepts only guidance=")
-        if self.guidance_embedder is not None and "guidance" not in cond:
-            raise ValueError("missing guidance=: this MLP has a guidance embedder (guidance_embedder=True); "
-                             "pass a (B,) float tensor")
-        if self.guidance_embedder is None and "guidance" in cond:
-            raise ValueError("got guidance= but this MLP has no guidance embedder (guidance_embedder=False)")
-        if y is None:
-            return
-        if self.y_embedder is None:
-            raise ValueError("got labels y but this MLP is unconditional (num_classes=0); pass y=None")
-        if y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"y must be an int64 tensor of shape (B,) = ({B},), got {y.dtype} of shape {tuple(y.shape)}")
-        if not (y.is_meta or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(y)):
-            if bool(((y < 0) | (y > self.num_classes)).any()):
-                raise ValueError(f"labels y must lie in [0, {self.num_classes}] ({self.num_classes} = null), "
-                                 f"got values in [{int(y.min())}, {int(y.max())}]")
+        check_conditioning("MLP", x.shape[0], t, s, y, cond, has_gap=self.gap_embedder is not None,
+                           has_guidance=self.guidance_embedder is not None, has_labels=self.y_embedder is not None,
+                           num_classes=self.num_classes)
 
     def forward_flops(self, batch: int) -> float:
         """Matmul FLOPs (2 × multiply-adds) of one forward on ``batch`` samples; norms, activations and
