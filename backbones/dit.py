@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.backbones.inputs import check_conditioning
+from fewstep.backbones.inputs import check_conditioning, condition_vector
 from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder,
                                       make_norm, modulate, sincos_pos_embed_2d, spectral_init_,
                                       xavier_uniform_flat_)
@@ -235,15 +235,7 @@ class DiT(nn.Module):
         guidance embedder exists. Returns (B, C, H, W), in the autocast dtype under autocast."""
         self._check_inputs(x, t, s, y, cond)
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, N, D)
-        c = self.t_embedder(t)
-        if self.gap_embedder is not None and s is not None:
-            c = c + self.gap_embedder(t - s)
-        if self.guidance_embedder is not None:
-            c = c + self.guidance_embedder(cond["guidance"])
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            c = c + self.y_embedder(y)
+        c = condition_vector(self, t, s, y, cond)
         for block in self.blocks:
             h = block(h, c)
         return self.unpatchify(self.final_layer(h, c))

@@ -1,8 +1,26 @@
-"""Checks shared by every backbone: conditioning inputs with messages that name the problem."""
+"""Conditioning shared by every backbone: input checks with messages that name the problem, and the
+summed conditioning vector c = emb_t(t) + emb_gap(t − s) + emb_guidance(β) + E[y]."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+
+def condition_vector(net: nn.Module, t: Tensor, s: Tensor | None, y: Tensor | None,
+                     cond: dict[str, Tensor]) -> Tensor:
+    """(B, D) conditioning of a backbone with ``t_embedder`` and optional ``gap_embedder``,
+    ``guidance_embedder`` and ``y_embedder`` (``None`` when absent). The gap term is skipped for a
+    one-time call (``s=None``); ``y=None`` means the null label ``net.num_classes`` for every sample."""
+    c = net.t_embedder(t)
+    if net.gap_embedder is not None and s is not None:
+        c = c + net.gap_embedder(t - s)
+    if net.guidance_embedder is not None:
+        c = c + net.guidance_embedder(cond["guidance"])
+    if net.y_embedder is not None:
+        if y is None:
+            y = torch.full((t.shape[0],), net.num_classes, dtype=torch.long, device=t.device)
+        c = c + net.y_embedder(y)
+    return c
 
 
 def check_conditioning(kind: str, batch: int, t: Tensor, s: Tensor | None, y: Tensor | None,

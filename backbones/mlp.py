@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fewstep.backbones.inputs import check_conditioning
+from fewstep.backbones.inputs import check_conditioning, condition_vector
 from fewstep.backbones.layers import EPS, FREQUENCY_DIM, TimestepEmbedder
 from fewstep.config import BackboneConfig
 from fewstep.contracts import DataSpec
@@ -125,15 +125,7 @@ class MLP(nn.Module):
         [0, num_classes] (num_classes = null; None = all null); ``guidance=`` (B,) float iff the
         guidance embedder exists. Returns (B, C, H, W) in x's dtype."""
         self._check_inputs(x, t, s, y, cond)
-        c = self.t_embedder(t)
-        if self.gap_embedder is not None and s is not None:
-            c = c + self.gap_embedder(t - s)
-        if self.guidance_embedder is not None:
-            c = c + self.guidance_embedder(cond["guidance"])
-        if self.y_embedder is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            c = c + self.y_embedder(y)
+        c = condition_vector(self, t, s, y, cond)
         h = self.in_proj(x.reshape(x.shape[0], self.features))
         for block in self.blocks:
             h = block(h, c)

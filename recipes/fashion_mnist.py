@@ -12,7 +12,8 @@ from fewstep.registry import recipes
 
 @recipes.register("smoke", summary="CPU demo: Fashion-MNIST, small DiT (patch 4), a few minutes on 2 cores")
 def smoke(objective: str = "fm") -> RunConfig:
-    """A run that trains on a laptop CPU in minutes and already draws recognisable garments.
+    """A run that trains on 2 CPU cores in about 5 minutes (≈ 400 img/s, 120 kimg) and draws recognisable
+    garments at 4 steps (1-step flow matching gives blurry class means, as it should).
 
     Differences from the GPU recipe, and why: patch 4 (64 tokens instead of 256) and a 4-block, 128-wide
     DiT so one step takes milliseconds; a higher learning rate (1e-3) because the run is short; fp32
@@ -24,7 +25,7 @@ def smoke(objective: str = "fm") -> RunConfig:
         objective=objective_config(objective),
         backbone=DiTConfig(name="dit-debug", depth=4, hidden_size=128, num_heads=4, patch_size=4),
         data=DataConfig(name="fashion-mnist"),
-        train=TrainConfig(total_kimg=200, batch=64, lr=1e-3, ema_betas={"ema": 0.995}, precision="fp32",
+        train=TrainConfig(total_kimg=120, batch=64, lr=1e-3, ema_betas={"ema": 0.995}, precision="fp32",
                           status_kimg=2, checkpoint_kimg=50, sample_kimg=0, keep_checkpoints=2),
         sample=SampleConfig(nfe=(1, 4), num_images=64, weights="ema"),
     )
