@@ -115,18 +115,15 @@ def sample(
         seed_list = parse_seeds(seeds)
         objective, cfg, ckpt = load_objective(run, device=dev)
         weights = weights or cfg.sample.weights
-        blocks, results = [], []
-        for n in nfes:
-            res = run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
-                              guidance=guidance, batch_size=batch, device=dev, autocast=dev.type == "cuda")
-            blocks.append(to_uint8(res.images) if res.images.shape[1] in (1, 3) else None)
-            results.append(res)
+        results = [run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
+                               guidance=guidance, batch_size=batch, device=dev, autocast=dev.type == "cuda")
+                   for n in nfes]
         if ckpt.manifest["data_spec"].get("kind") == "points":   # toy data: one scatter panel per NFE
             from fewstep.plots import scatter_png
 
             scatter_png(out, [r.images.flatten(1)[:, :2] for r in results])
         else:
-            write_png(out, make_grid(blocks))
+            write_png(out, make_grid([to_uint8(r.images) for r in results]))
         if save_tensor:
             from safetensors.torch import save_file
 

@@ -20,7 +20,6 @@ sigmoid(4·c_noise − ln σ_p), a monotone re-parameterisation of the same quan
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from fewstep.objectives.common import per_sample

@@ -6,8 +6,26 @@ irreducible flow-matching loss per dimension at time t is Var(ε − x | x_t) = 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
+
+
+def rk4_flow_map(velocity: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, s: Tensor,
+                 steps: int = 200) -> Tensor:
+    """Integrate dx/dτ = velocity(x, τ) from τ = t to τ = s (both (B,), per sample) with classical RK4."""
+    h = (s - t) / steps
+    hb = h.reshape(-1, *([1] * (x.ndim - 1)))
+    tau = t.clone()
+    for _ in range(steps):
+        k1 = velocity(x, tau)
+        k2 = velocity(x + hb / 2 * k1, tau + h / 2)
+        k3 = velocity(x + hb / 2 * k2, tau + h / 2)
+        k4 = velocity(x + hb * k3, tau + h)
+        x = x + hb / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        tau = tau + h
+    return x
 
 
 class GaussianOracle(nn.Module):

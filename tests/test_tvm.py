@@ -11,7 +11,7 @@ import fewstep.objectives.tvm as tvm_module
 from fewstep.backbones.dit import DiTConfig, tvm_variant
 from fewstep.contracts import DataSpec
 from fewstep.objectives.common import mean_flat, per_sample
-from fewstep.objectives.time_samplers import TwoTimes, gap_star
+from fewstep.objectives.time_samplers import gap_star
 from fewstep.objectives.tvm import TVMConfig, TVMObjective
 from fewstep.sample import sample
 

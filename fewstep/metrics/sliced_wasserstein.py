@@ -14,7 +14,6 @@ translation; and for a shift b = a + Δ, SW₂² = mean_θ ⟨Δ, θ⟩² → �
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

@@ -22,7 +22,7 @@ from fewstep import __version__
 from fewstep.build import build_objective, resolve, write_run_config
 from fewstep.checkpoints import latest_checkpoint, load_optimizer_state, save_checkpoint
 from fewstep.config import ConfigError, RunConfig, to_dict
-from fewstep.contracts import DataSpec, Objective
+from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
 from fewstep.images import make_grid, to_uint8, write_png
@@ -155,7 +155,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
     flops_per_img = objective.flops_per_sample(fwd_flops(1)) if fwd_flops else None
     peak = peak_flops(device)
 
-    def save(final: bool = False) -> Path | None:
+    def save() -> Path | None:
         rng = {"cpu": torch.get_rng_state(), "objective": generator.get_state()}
         if cuda:
             rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -235,7 +235,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
                 last_ckpt = save()
                 next_at["checkpoint"] = _next(nimg, interval["checkpoint"])
         if ckpt is None or step > ckpt.step:
-            last_ckpt = save(final=True)
+            last_ckpt = save()
         if spec.kind == "points":   # toy data: metrics.json (sliced Wasserstein per NFE) and a scatter plot
             if accelerator.is_main_process:
                 from fewstep.evaluate import evaluate_points

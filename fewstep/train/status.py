@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,6 @@ class StatusLog:
                                                kimg=f"{start_kimg:.1f}/{total_kimg:g} kimg", stats="")
             self.progress.start()
         self.total_kimg = total_kimg
-        self.t0 = time.time()
 
     def report(self, record: dict[str, Any]) -> None:
         """Show and append one status record (must hold ``kimg``)."""
