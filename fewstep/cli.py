@@ -17,6 +17,9 @@ from fewstep.registry import REGISTRIES, RegistryError, recipes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and evaluate one- and few-step generative models.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (GPU): each prints times, TFLOP/s or images/s "
+                        "and peak memory, as ratios against a baseline run in the same process.")
+app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 
@@ -135,7 +138,7 @@ def sample(
 
 
 @app.command("list")
-def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones, datasets or recipes (default: all).")) -> None:
+def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones, datasets, recipes, metrics or extractors (default: all).")) -> None:
     """List registered components (with their source package), planned and unavailable ones."""
     kinds = list(REGISTRIES)
     if kind is not None and kind not in REGISTRIES:

@@ -1,4 +1,4 @@
-"""Explicit, listable registries for objectives, backbones, datasets and recipes.
+"""Explicit, listable registries for objectives, backbones, datasets, recipes, metrics and extractors.
 
 In-tree components register with a decorator when their package is imported::
 
@@ -164,6 +164,9 @@ objectives = Registry("objective", "fewstep.objectives", "fewstep.objectives")
 backbones = Registry("backbone", "fewstep.backbones", "fewstep.backbones")
 datasets = Registry("dataset", "fewstep.data", "fewstep.datasets")
 recipes = Registry("recipe", "fewstep.recipes", "fewstep.recipes")
+metrics = Registry("metric", "fewstep.metrics", "fewstep.metrics")
+extractors = Registry("extractor", "fewstep.metrics", "fewstep.extractors")
 
 REGISTRIES: dict[str, Registry] = {
-    "objectives": objectives, "backbones": backbones, "datasets": datasets, "recipes": recipes}
+    "objectives": objectives, "backbones": backbones, "datasets": datasets, "recipes": recipes,
+    "metrics": metrics, "extractors": extractors}
