@@ -1,6 +1,6 @@
 """Multi-head attention: the single switch point every backbone calls.
 
-Two paths compute the same function ``O = softmax(scale · Q Kᵀ) V``:
+Three paths compute the same function ``O = softmax(scale · Q Kᵀ) V``:
 
 * ``sdpa`` — :func:`torch.nn.functional.scaled_dot_product_attention` (fused flash / memory-efficient
   kernels). None of PyTorch's fused SDPA kernels has a forward-AD formula, so this path cannot run
@@ -12,9 +12,14 @@ Two paths compute the same function ``O = softmax(scale · Q Kᵀ) V``:
   backward through the native softmax's forward-AD rule fails with dual tensors on torch 2.13
   (pytorch#162350); the shift is exact, so primal, tangent and gradients are unchanged.
 
-Routing is automatic: forward-AD is detected from the inputs (see :func:`uses_forward_ad`), and
-:func:`explicit_attention` forces the explicit path. A fused Triton JVP kernel plugs in here later,
-in place of the explicit path, without any backbone changing.
+* ``triton`` — the fused Triton JVP flash-attention kernels (:mod:`fewstep.kernels.jvp_attention`):
+  O(N·d) memory, forward-AD rule, backward through primal and tangent. Used under forward-AD on CUDA.
+
+Routing is automatic: under forward-AD (detected from the inputs, see :func:`uses_forward_ad`) CUDA
+tensors take the ``triton`` path and others the ``explicit`` one; otherwise SDPA.
+:func:`explicit_attention` forces the explicit path, :func:`kernel_attention` the Triton one (on CPU
+only with ``TRITON_INTERPRET=1``, for tests). Inside :func:`detached_tangents` the Triton path builds
+no graph for tangents (stop-gradient JVP targets).
 """
 from __future__ import annotations
 
@@ -27,10 +32,62 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-Path = Literal["sdpa", "explicit"]
+Path = Literal["sdpa", "explicit", "triton"]
 
 _force_explicit = 0           # depth of nested explicit_attention(True) contexts
+_force_kernel = 0             # depth of nested kernel_attention(True) contexts
 _last_path: Path | None = None
+_triton_ok: bool | None = None
+
+
+@contextlib.contextmanager
+def kernel_attention(enabled: bool = True) -> Iterator[None]:
+    """Use the Triton path for every forward-AD :func:`attention` call in this block, whatever the
+    device (CPU tensors need ``TRITON_INTERPRET=1`` set before the first kernel import). Nests."""
+    global _force_kernel
+    _force_kernel += int(enabled)
+    try:
+        yield
+    finally:
+        _force_kernel -= int(enabled)
+
+
+@contextlib.contextmanager
+def detached_tangents(enabled: bool = True) -> Iterator[None]:
+    """Tangents from the Triton path carry no graph in this block (stop-gradient JVP targets: less
+    memory, no backward through the tangent). The explicit path is unaffected (detach its output)."""
+    if not enabled:
+        yield
+        return
+    from fewstep.kernels.jvp_attention import detached_tangents as inner
+
+    with inner():
+        yield
+
+
+def triton_available() -> bool:
+    """Whether Triton imports (checked once)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            _triton_ok = True
+        except Exception:  # ImportError, or a broken install
+            _triton_ok = False
+    return _triton_ok
+
+
+def _in_vmap() -> bool:
+    interpreters = torch._C._functorch.get_interpreter_stack() or []
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in interpreters)
+
+
+def _kernel_fits(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """The Triton kernel handles these operands: 4-D (B, H, L, d), equal head dims and head counts,
+    d ≤ 256, a floating dtype it supports (float64 stays explicit), outside vmap."""
+    return (q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == v.shape[-1] and q.shape[:2] == k.shape[:2]
+            and q.shape[-1] <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and not torch.compiler.is_compiling() and not _in_vmap() and triton_available())
 
 
 @contextlib.contextmanager
@@ -87,14 +144,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
     Returns:
         (B, H, N, d_v) in the dtype of ``q``.
 
-    Routing: the explicit path under forward-AD (``torch.func.jvp``, dual tensors) or inside
+    Routing: under forward-AD (``torch.func.jvp``, dual tensors) the Triton kernel for CUDA tensors
+    (or inside :func:`kernel_attention`) and the explicit path otherwise; the explicit path inside
     :func:`explicit_attention`; otherwise fused SDPA. :func:`last_path` reports the choice.
     """
     global _last_path
     if not (q.dim() == k.dim() == v.dim() >= 2 and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]):
         raise ValueError(f"attention expects q (B, H, N, d), k (B, H, M, d), v (B, H, M, d_v), got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if _force_explicit > 0 or uses_forward_ad(q, k, v):
+    if _force_explicit > 0:
+        _last_path = "explicit"
+        return explicit(q, k, v, scale=scale)
+    if uses_forward_ad(q, k, v):
+        if (q.is_cuda or _force_kernel > 0) and _kernel_fits(q, k, v):
+            from fewstep.kernels.jvp_attention import flash_attention
+
+            _last_path = "triton"
+            return flash_attention(q, k, v, scale=scale)
         _last_path = "explicit"
         return explicit(q, k, v, scale=scale)
     _last_path = "sdpa"

@@ -3,7 +3,8 @@
 ``jvp(fn, primals, tangents)`` evaluates ``fn`` and its directional derivative with
 :func:`torch.func.jvp`. It is called inside the objective's ``forward`` (which DDP/FSDP wraps), so the
 gradients of a loss built from either output are synchronised like any other. Backbone attention
-switches itself to a forward-AD-safe path under JVP (:mod:`fewstep.kernels.attention`).
+switches itself to a forward-AD-safe path under JVP (:mod:`fewstep.kernels.attention`: the Triton JVP
+flash-attention kernel on CUDA, the explicit math path elsewhere).
 
 Gradients flow through both the primal and the tangent output (TVM's ``detach_jvp=False``); pass
 ``detach_tangent=True`` for stop-gradient targets (MeanFlow, sCM), which is also cheaper.
@@ -14,6 +15,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from fewstep.kernels.attention import detached_tangents
 
 
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], *,
@@ -35,5 +38,6 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
         if p.shape != t.shape or p.dtype != t.dtype:
             raise ValueError(f"tangent {i} must match its primal: {tuple(t.shape)} {t.dtype} vs "
                              f"{tuple(p.shape)} {p.dtype}")
-    out, tangent = torch.func.jvp(fn, primals, tangents)
+    with detached_tangents(detach_tangent):   # the Triton attention then builds no tangent graph
+        out, tangent = torch.func.jvp(fn, primals, tangents)
     return out, (tangent.detach() if detach_tangent else tangent)

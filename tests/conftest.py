@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))   # tests import their helpers (gaussian.py) by name
+if not torch.cuda.is_available():   # Triton kernels run on CPU through the interpreter (read at kernel import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def write_fashion_like(directory: Path, n_train: int = 512, n_test: int = 64, seed: int = 0) -> Path:
