@@ -31,17 +31,24 @@ def _configs(pairs: list[tuple[int, int, int, int]], a: str, b: str) -> list[tri
 
 
 _FWD = triton.autotune(
-    _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 2)],
+    _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 128, 8, 2)],
              "BLOCK_M", "BLOCK_N"),
     key=["N", "M", "HEAD_DIM", "TANGENT", "LSE_GIVEN", "CAUSAL", "PREC"])(jvp_flash._attn_fwd)
 _BWD_KV = triton.autotune(
-    _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 2)],
+    _configs([(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
              "BLOCK_N", "BLOCK_M"),
     key=["N", "M", "HEAD_DIM", "HAS_GO", "HAS_GT", "CAUSAL", "PREC"])(jvp_flash_bwd._attn_bwd_kv)
 _BWD_Q = triton.autotune(
-    _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (32, 64, 4, 2)],
+    _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
              "BLOCK_M", "BLOCK_N"),
     key=["N", "M", "HEAD_DIM", "HAS_GO", "HAS_GT", "CAUSAL", "PREC"])(jvp_flash_bwd._attn_bwd_q)
+
+
+COMPILED: dict[str, tuple] = {}   # kernel name → (compiled kernel, chosen config) of its latest launch
+
+
+def _record(name: str, tuner, compiled) -> None:
+    COMPILED[name] = (compiled, getattr(tuner, "best_config", None))
 
 
 @dataclass(frozen=True)
@@ -115,13 +122,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None = None,
     tout = _empty_bnhd(B, H, N, d, q) if tangent else None
     mu = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if tangent else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _FWD[grid](q, k, v, tq if tangent else q, tk if tangent else k, tv if tangent else v,
+    compiled = _FWD[grid](q, k, v, tq if tangent else q, tk if tangent else k, tv if tangent else v,
                out, tout if tangent else out, lse, mu if tangent else lse,
                *_strides(q), *_strides(k), *_strides(v), *_strides(tq), *_strides(tk), *_strides(tv),
                *_strides(out), *_strides(tout),
                H, N, M, float(scale), float(scale) * LOG2E, M - N,
                **HeadDim.of(d).meta(), TANGENT=tangent, LSE_GIVEN=lse_given, CAUSAL=bool(causal),
                PREC=precision(q))
+    _record("fwd-tangent" if lse_given else "fwd-fused" if tangent else "fwd-primal", _FWD, compiled)
     return out, tout, lse, mu
 
 
@@ -164,12 +172,15 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: T
     meta = dict(**HeadDim.of(d).meta(), HAS_GO=has_go, HAS_GT=has_gt, CAUSAL=bool(causal), PREC=precision(q))
     operands = (*_strides(q), *_strides(k), *_strides(v), *_strides(tq_), *_strides(tk_), *_strides(tv_),
                 *_strides(go_), *_strides(gt_))
-    _BWD_KV[lambda meta_: (triton.cdiv(M, meta_["BLOCK_N"]), B * H)](
+    mode = "both" if has_go and has_gt else "gO" if has_go else "gT"
+    compiled = _BWD_KV[lambda meta_: (triton.cdiv(M, meta_["BLOCK_N"]), B * H)](
         q, k, v, tq_, tk_, tv_, go_, gt_, lse, mu_, delta_t_, delta,
         dk, dv, dtk if has_gt else dk, dtv if has_gt else dv, *operands, *_strides(dk), *common, **meta)
-    _BWD_Q[lambda meta_: (triton.cdiv(N, meta_["BLOCK_M"]), B * H)](
+    _record(f"bwd-kv-{mode}", _BWD_KV, compiled)
+    compiled = _BWD_Q[lambda meta_: (triton.cdiv(N, meta_["BLOCK_M"]), B * H)](
         q, k, v, tq_, tk_, tv_, go_, gt_, lse, mu_, delta_t_, delta,
         dq, dtq if has_gt else dq, *operands, *_strides(dq), *common, **meta)
+    _record(f"bwd-q-{mode}", _BWD_Q, compiled)
     return dq, dk, dv, dtq, dtk, dtv
 
 

@@ -20,11 +20,17 @@ GRADS = ("q", "k", "v", "tq", "tk", "tv")
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4}   # relative to max |reference|: ~8 fp32 ulps, ~0.4 fp16 ulp
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def causal_mask(N, M, device):
+    return torch.ones(N, M, dtype=torch.bool, device=device).tril(M - N)
+
+
 def naive(q, k, v, scale, causal):
     s = scale * q @ k.transpose(-1, -2)
     if causal:
-        N, M = q.shape[-2], k.shape[-2]
-        s = s.masked_fill(~torch.ones(N, M, dtype=torch.bool).tril(M - N), float("-inf"))
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     return torch.softmax(s, -1) @ v
 
 
@@ -45,16 +51,16 @@ def reference(prims, tans, go, gt, scale, causal, dtype):
     with torch.no_grad():
         lse_fn = lambda q, k: torch.logsumexp(  # noqa: E731
             (scale * q @ k.transpose(-1, -2)).masked_fill(
-                ~torch.ones(q.shape[-2], M, dtype=torch.bool).tril(M - N + skip) if causal else
-                torch.zeros(1, dtype=torch.bool), float("-inf")), -1)
+                ~causal_mask(q.shape[-2], M, q.device) if causal else
+                torch.zeros(1, dtype=torch.bool, device=q.device), float("-inf")), -1)
         lse, mu = torch.func.jvp(lse_fn, (sub(P[0]), P[1]), (sub(T[0]), T[1]))
     return dict(o=pad(o.detach()).double(), to=pad(to.detach()).double(), lse=lse.double(), mu=mu.double(),
                 **{f"d{n}": g.double() for n, g in zip(GRADS, grads)}, skip=skip)
 
 
-def inputs(B, H, N, M, d, seed=0):
+def inputs(B, H, N, M, d, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    r = lambda n: torch.randn(B, H, n, d, generator=g, dtype=torch.float64)  # noqa: E731
+    r = lambda n: torch.randn(B, H, n, d, generator=g, dtype=torch.float64).to(device)  # noqa: E731
     return [r(N), r(M), r(M)], [r(N), r(M), r(M)], r(N), r(N)
 
 
@@ -84,10 +90,11 @@ CASES = [  # B, H, N, M, d, causal
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B,H,N,M,d,causal", CASES)
-def test_forward_and_backward_match_float64(B, H, N, M, d, causal, dtype):
-    prims, tans, go, gt = inputs(B, H, N, M, d)
+def test_forward_and_backward_match_float64(B, H, N, M, d, causal, dtype, device):
+    prims, tans, go, gt = inputs(B, H, N, M, d, device=device)
     scale = 1 / math.sqrt(d)
     ref64 = reference(prims, tans, go, gt, scale, causal, torch.float64)
     ref_low = reference(prims, tans, go, gt, scale, causal, dtype)
@@ -109,10 +116,11 @@ def test_forward_and_backward_match_float64(B, H, N, M, d, causal, dtype):
     assert torch.isfinite(got["mu"]).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("has_go,has_gt", [(True, False), (False, True)], ids=["gO-only", "gT-only"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_each_upstream_gradient_alone(has_go, has_gt, dtype):
-    prims, tans, go, gt = inputs(2, 2, 27, 35, 72, seed=1)
+def test_each_upstream_gradient_alone(has_go, has_gt, dtype, device):
+    prims, tans, go, gt = inputs(2, 2, 27, 35, 72, seed=1, device=device)
     go, gt = (go if has_go else torch.zeros_like(go)), (gt if has_gt else torch.zeros_like(gt))
     scale = 0.3
     ref64 = reference(prims, tans, go, gt, scale, False, torch.float64)
