@@ -134,8 +134,9 @@ def test_each_upstream_gradient_alone(has_go, has_gt, dtype, device):
         assert (ref64["dtq"] == 0).all()
 
 
-def test_primal_only_and_tangent_only_passes_agree_with_fused():
-    prims, tans, *_ = inputs(1, 2, 29, 31, 40, seed=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_primal_only_and_tangent_only_passes_agree_with_fused(device):
+    prims, tans, *_ = inputs(1, 2, 29, 31, 40, seed=2, device=device)
     P = [x.float() for x in prims]
     T = [x.float() for x in tans]
     o, to, lse, mu = attention_forward(*P, *T, scale=0.2, causal=True)
