@@ -35,15 +35,16 @@ def _configs(pairs: list[tuple[int, int, int, int]], a: str, b: str) -> list[tri
 # Candidates measured on an H100 (scripts/jvp-config-sweep.sh; B32 H16 N256 d72, bf16). The fused
 # forward keeps BLOCK_N = 32: with Triton 3.6 on Hopper, BLOCK_N ≥ 64 gave a wrong tangent (relative
 # error 0.4; the interpreter is exact with the same tiles) and two such tiles faulted, so they are
-# excluded; the tests run every kernel against float64 on the GPU too.
+# excluded; the tests run every kernel against float64 on the GPU too. The first candidate of each is the
+# smallest that fits fp32 operands in shared memory (used alone when FEWSTEP_JVP_AUTOTUNE=0).
 _FWD = triton.autotune(
     _configs([(64, 32, 4, 3)], "BLOCK_M", "BLOCK_N"),
     key=["N", "M", "HEAD_DIM", "TANGENT", "LSE_GIVEN", "CAUSAL", "PREC"])(jvp_flash._attn_fwd)
 _BWD_KV = triton.autotune(
-    _configs([(128, 32, 8, 2), (64, 32, 4, 3)], "BLOCK_N", "BLOCK_M"),
+    _configs([(64, 32, 4, 3), (128, 32, 8, 2), (32, 32, 4, 2)], "BLOCK_N", "BLOCK_M"),
     key=["N", "M", "HEAD_DIM", "HAS_GO", "HAS_GT", "CAUSAL", "PREC"])(jvp_flash_bwd._attn_bwd_kv)
 _BWD_Q = triton.autotune(
-    _configs([(128, 32, 8, 2), (64, 32, 4, 3)], "BLOCK_M", "BLOCK_N"),
+    _configs([(64, 32, 4, 3), (128, 32, 8, 2), (32, 32, 4, 2)], "BLOCK_M", "BLOCK_N"),
     key=["N", "M", "HEAD_DIM", "HAS_GO", "HAS_GT", "CAUSAL", "PREC"])(jvp_flash_bwd._attn_bwd_q)
 COMPILED: dict[str, tuple] = {}   # kernel name → (compiled kernel, chosen config) of its latest launch
 
