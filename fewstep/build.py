@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fewstep.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
-from fewstep.config import RunConfig, run_config_from_dict, to_dict
+from fewstep.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from fewstep.contracts import DataSpec, Objective
 from fewstep.registry import objectives
 
@@ -71,12 +71,61 @@ def load_objective(run: str | os.PathLike, device: torch.device | str = "cpu"
     with torch.device("meta"):
         objective = build_objective(cfg, spec)
     objective = objective.to_empty(device=device)
-    state = ckpt.tensors("objective.safetensors")
-    missing, unexpected = objective.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not match its config: missing "
-                              f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    load_state(objective, ckpt, "its own config")
     return objective.eval(), cfg, ckpt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compatibility of a run directory or checkpoint with a config
+# ---------------------------------------------------------------------------------------------------
+def load_state(objective: Objective, ckpt: Checkpoint, what: str = "the configured model") -> None:
+    """Load ``ckpt``'s objective tensors into ``objective``; any missing, unexpected or mis-shaped
+    tensor is a :class:`CheckpointError` naming the checkpoint and the first offending keys."""
+    state = ckpt.tensors("objective.safetensors")
+    own = objective.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{name} {items[:4]}{'…' if len(items) > 4 else ''}"
+                 for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
+        raise CheckpointError(f"checkpoint {ckpt.path} does not match {what}: {'; '.join(parts)}")
+    objective.load_state_dict(state)
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` → ``{"train.lr": 1}`` (``ema_betas`` stays one value)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "ema_betas":
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict, allowed: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """``key: old → new`` for every flattened config key (not in ``allowed``) whose value differs."""
+    a, b = flatten_config(old), flatten_config(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in allowed)
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys]
+
+
+def check_compatible(saved: dict, saved_spec: dict | None, cfg: RunConfig, spec: DataSpec, where: str,
+                     allowed: set[str] | frozenset[str] = frozenset()) -> None:
+    """Refuse to continue ``saved`` (a config dict from ``config.json`` or a checkpoint manifest) with
+    ``cfg``/``spec`` when anything but the ``allowed`` keys differs; the error lists the differences."""
+    changes = config_changes(saved, to_dict(cfg), allowed)
+    if saved_spec is not None:
+        own = dataclasses.asdict(spec)
+        changes += [f"data_spec.{k}: {saved_spec.get(k)!r} → {own.get(k)!r}"
+                    for k in sorted(own) if saved_spec.get(k) != own.get(k)]
+    if changes:
+        more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
+        raise ConfigError(f"{where} belongs to a run with a different config ({', '.join(changes[:6])}{more}); "
+                          f"use another --out directory, or the same settings to resume it")
 
 
 def write_run_config(run_dir: Path, cfg: RunConfig, spec: DataSpec) -> None:

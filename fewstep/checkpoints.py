@@ -9,8 +9,12 @@ A checkpoint is a directory ``checkpoint-<step>`` in the run directory holding
 * ``manifest.json``: format version, step, kimg, the resolved run config, the data spec, training
   state (data position …) and the SHA-256 and size of every file above.
 
-It is written under a temporary name, fsynced and renamed, so a crash during a save leaves the previous
-checkpoints intact; a checkpoint whose files do not match its manifest is reported and skipped.
+It is written under a temporary name (``.tmp-checkpoint-<step>-<pid>``), every file and both directories
+are fsynced, and the directory is renamed into place, so a process killed at any point of a save leaves
+the previous checkpoints intact (the stale temporary directory is removed by the next save). A
+checkpoint whose files do not match its manifest (missing, truncated, flipped bits) is reported by name
+and skipped. Pruning renames a checkpoint out of the way (``.trash-…``) before deleting it, and never
+deletes anything unless a newer checkpoint passed a full SHA-256 check.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -30,10 +34,16 @@ from torch import Tensor
 FORMAT = "fewstep-checkpoint"
 VERSION = 1
 PREFIX = "checkpoint-"
+TMP = ".tmp-"       # a checkpoint being written: .tmp-checkpoint-<step>-<pid>
+TRASH = ".trash-"   # a checkpoint being deleted: .trash-checkpoint-<step>-<pid>
 
 
 class CheckpointError(RuntimeError):
     """A missing, incomplete or corrupted checkpoint."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, unwritable directory); earlier ones are untouched."""
 
 
 @dataclass
@@ -123,6 +133,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, objective_state: d
                     manifest: dict[str, Any], keep: int = 0) -> Path:
     """Write ``checkpoint-<step>`` atomically and prune to the newest ``keep`` (0 = keep all).
 
+    Any ``OSError`` (disk full, permissions) propagates after the temporary directory is removed; the
+    checkpoints already on disk are never touched by a failed save.
+
     Args:
         objective_state: ``objective.state_dict()`` (unwrapped).
         optimizer_state: ``optimizer.state_dict()`` or ``None``.
@@ -131,7 +144,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, objective_state: d
     """
     run_dir = Path(run_dir)
     final = run_dir / f"{PREFIX}{step:08d}"
-    tmp = run_dir / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    tmp = run_dir / f"{TMP}{PREFIX}{step:08d}-{os.getpid()}"
+    remove_stale(run_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -151,16 +165,53 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, objective_state: d
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step replaces the old one only once the new is complete
-            shutil.rmtree(final)
+        if final.exists():   # a re-save of the same step: the old one moves aside only once the new is complete
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep > 0:
-        prune_checkpoints(run_dir, keep)
+        prune_checkpoints(run_dir, keep, verified=final)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Rename ``path`` to ``.trash-<name>-<pid>`` (atomic: it stops being a checkpoint), then delete it."""
+    trash = path.with_name(f"{TRASH}{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary and trash directories left by processes that died during a save or prune.
+
+    Directories of processes still alive (on this host) are left alone. Returns what was removed.
+    """
+    removed = []
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return removed
+    for path in run_dir.iterdir():
+        if not (path.name.startswith(TMP) or path.name.startswith(TRASH)) or not path.is_dir():
+            continue
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> Checkpoint:
@@ -196,27 +247,51 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def latest_checkpoint(run_dir: str | os.PathLike, hashes: bool = True) -> Checkpoint | None:
-    """The newest checkpoint that verifies; broken ones are reported by name and skipped."""
+def latest_checkpoint(run_dir: str | os.PathLike, hashes: bool = True,
+                      report: Callable[[str], None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies; broken ones are reported by name and skipped.
+
+    Args:
+        hashes: check SHA-256 (not only sizes).
+        report: called with a message for each skipped checkpoint (default: ``warnings.warn``).
+    """
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return verify_checkpoint(path, hashes=hashes)
         except CheckpointError as exc:
-            warnings.warn(f"skipping checkpoint: {exc}", stacklevel=2)
+            message = f"skipping checkpoint: {exc}"
+            if report is None:
+                warnings.warn(message, stacklevel=2)
+            else:
+                report(message)
     return None
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` *valid* checkpoints; never deletes the only good one."""
-    good = []
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int, verified: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` valid checkpoints; returns the deleted ones.
+
+    Broken checkpoints are neither counted nor deleted (they stay for inspection). Nothing is deleted
+    unless a newer kept checkpoint passed a full SHA-256 check: ``verified`` (the checkpoint just
+    written, whose hashes were computed from its files) counts as checked; otherwise the newest
+    candidates are hashed until one passes. So the only good checkpoint is never deleted, even when
+    newer ones are corrupted with their sizes intact.
+    """
+    kept, anchored, deleted = 0, False, []
     for path in reversed(list_checkpoints(run_dir)):
+        trusted = verified is not None and path == Path(verified)
         try:
-            verify_checkpoint(path, hashes=False)
-            good.append(path)
+            verify_checkpoint(path, hashes=not (anchored or trusted))
         except CheckpointError:
             continue
-    for path in good[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
+        if kept < keep:
+            kept, anchored = kept + 1, True
+        elif anchored:
+            try:
+                _discard(path)
+                deleted.append(path)
+            except OSError as exc:   # the save itself succeeded; an undeletable old checkpoint is no error
+                warnings.warn(f"could not delete old checkpoint {path}: {exc}", stacklevel=2)
+    return deleted
 
 
 def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:

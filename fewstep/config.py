@@ -82,6 +82,8 @@ class TrainConfig:
             checkpoint is always written).
         keep_checkpoints: number of most recent checkpoints kept.
         seed: global seed; per-device streams derive from it.
+        max_bad_steps: a step whose loss or gradient norm is non-finite is skipped (no update, no EMA
+            step) and logged; after this many consecutive skipped steps training stops with an error.
     """
 
     total_kimg: float = 10.0
@@ -100,6 +102,7 @@ class TrainConfig:
     sample_kimg: float = 0.0
     keep_checkpoints: int = 3
     seed: int = 0
+    max_bad_steps: int = 8
 
 
 @dataclass(kw_only=True)

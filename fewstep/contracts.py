@@ -101,11 +101,14 @@ class LossOutput:
         loss: scalar to back-propagate (mean of ``per_sample`` unless the objective says otherwise).
         per_sample: (B,) per-sample losses, detached or not.
         logs: scalar diagnostics (floats or 0-d tensors), e.g. unweighted terms, weight means.
+        t: optional (B,) time of each sample (t = 1 noise), for diagnostics: the trainer reports the t
+            range of samples whose loss is non-finite.
     """
 
     loss: Tensor
     per_sample: Tensor
     logs: dict[str, Tensor | float] = field(default_factory=dict)
+    t: Tensor | None = None
 
 
 @dataclass

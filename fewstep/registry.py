@@ -8,13 +8,16 @@ In-tree components register with a decorator when their package is imported::
     class FlowMatching(Objective): ...
 
 Third-party packages register through entry points in the groups ``fewstep.objectives``,
-``fewstep.backbones``, ``fewstep.datasets`` and ``fewstep.recipes``; each entry point names the object
-to register (``mymethod = "my_pkg.module:MyObjective"``). Entry points are loaded lazily, on the first
-lookup or listing. A duplicate name is an error that names both sources; a plugin that fails to load is
-recorded as unavailable with its error and everything else keeps working.
+``fewstep.backbones``, ``fewstep.datasets``, ``fewstep.recipes``, ``fewstep.metrics`` and
+``fewstep.extractors``; each entry point names the object to register
+(``mymethod = "my_pkg.module:MyObjective"``). Entry points are loaded lazily, on the first lookup or
+listing. A duplicate name is an error naming both sources, raised on every use of that registry until
+one of the two is removed; a plugin that fails to load is recorded as unavailable with its error and
+everything else keeps working. See ``docs/plugins.md``.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -69,10 +72,12 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._unavailable: dict[str, str] = {}   # name -> error message of a broken plugin
         self._planned: dict[str, str] = {}       # name -> why it cannot be used yet
+        self._plugins: set[str] = set()          # names that came from entry points
+        self._error: str | None = None           # name clashes among plugins (raised on every use)
         self._loaded = False
 
     # -- registration ---------------------------------------------------------------------------
-    def register(self, name: str, *, summary: str = "", source: str = "fewstep") -> Callable[[Any], Any]:
+    def register(self, name: str, *, summary: str = "", source: str | None = None) -> Callable[[Any], Any]:
         """Decorator registering a class or function under ``name``; returns the object unchanged."""
 
         def decorator(obj: Any) -> Any:
@@ -81,8 +86,13 @@ class Registry:
 
         return decorator
 
-    def add(self, name: str, obj: Any, *, summary: str = "", source: str = "fewstep") -> None:
-        """Register ``obj`` under ``name``; a name already taken is a :class:`RegistryError`."""
+    def add(self, name: str, obj: Any, *, summary: str = "", source: str | None = None) -> None:
+        """Register ``obj`` under ``name``; a name already taken is a :class:`RegistryError`.
+
+        ``source`` defaults to ``"fewstep"`` for in-tree objects and to the top-level package of
+        ``obj``'s module otherwise (entry-point plugins get their distribution's name).
+        """
+        source = source or _source_of(obj)
         if name in self._entries:
             old = self._entries[name]
             raise RegistryError(
@@ -92,6 +102,21 @@ class Registry:
             summary = ((getattr(obj, "__doc__", None) or "").strip().splitlines() or [""])[0]
         self._entries[name] = Entry(self.kind, name, obj, source, summary)
         self._planned.pop(name, None)
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (``fewstep.testing`` uses it to register a class under test for a while)."""
+        self._entries.pop(name, None)
+        self._plugins.discard(name)
+
+    def rescan(self) -> None:
+        """Forget the entry-point plugins and discover them again on next use (a plugin installed into
+        a running process; tests that patch the entry-point lookup)."""
+        for name in self._plugins:
+            self._entries.pop(name, None)
+        self._plugins.clear()
+        self._unavailable.clear()
+        self._error = None
+        self._loaded = False
 
     def plan(self, name: str, reason: str) -> None:
         """Reserve a name for a component that is known but not usable in this version."""
@@ -142,10 +167,13 @@ class Registry:
 
     # -- loading --------------------------------------------------------------------------------
     def _load(self) -> None:
+        if self._error is not None:
+            raise RegistryError(self._error)
         if self._loaded:
             return
         self._loaded = True
         importlib.import_module(self.builtin_module)
+        clashes = []
         for ep in _entry_points(self.group):
             source = ep.dist.name if getattr(ep, "dist", None) is not None else ep.value.split(":")[0]
             try:
@@ -153,7 +181,24 @@ class Registry:
             except Exception as exc:  # a broken plugin is reported, never fatal
                 self._unavailable[ep.name] = f"{type(exc).__name__}: {exc} (from {source!r}, {ep.value})"
                 continue
-            self.add(ep.name, obj, source=source)
+            old = self._entries.get(ep.name)
+            if old is not None and old.obj is obj:   # the plugin module also used the decorator
+                self._entries[ep.name] = dataclasses.replace(old, source=source)
+            else:
+                try:
+                    self.add(ep.name, obj, source=source)
+                except RegistryError as exc:
+                    clashes.append(str(exc))
+                    continue
+            self._plugins.add(ep.name)
+        if clashes:
+            self._error = "; ".join(clashes)
+            raise RegistryError(self._error)
+
+
+def _source_of(obj: Any) -> str:
+    """``"fewstep"`` for in-tree objects, else the top-level package of the object's module."""
+    return (getattr(obj, "__module__", None) or "fewstep").split(".")[0]
 
 
 def _qualname(obj: Any) -> str:

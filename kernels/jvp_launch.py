@@ -5,7 +5,7 @@ Functions here take plain tensors and return plain tensors (no autograd); the au
 strides arbitrary), one dtype among fp16/bf16/fp32; row statistics are fp32 (B, H, L).
 
 Tile sizes are autotuned on CUDA (keyed on lengths, head dim, dtype and mode; ``FEWSTEP_JVP_AUTOTUNE=0``
-keeps the first configuration, for quick compiles in tests); under the Triton interpreter
+keeps the first and the small fallback configuration, for quick compiles in tests); under the Triton interpreter
 (``TRITON_INTERPRET=1``, CPU tensors) one small configuration is used.
 """
 from __future__ import annotations
@@ -23,22 +23,24 @@ from fewstep.kernels import jvp_flash, jvp_flash_bwd
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634   # log2(e): the kernels' exponentials are base 2
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = os.environ.get("FEWSTEP_JVP_AUTOTUNE", "1") != "0"   # 0: first configuration only (fast compiles)
+AUTOTUNE = os.environ.get("FEWSTEP_JVP_AUTOTUNE", "1") != "0"   # 0: first + fallback configuration (fast compiles)
 
 
 def _configs(pairs: list[tuple[int, int, int, int]], a: str, b: str) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({a: 32, b: 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({a: x, b: y}, num_warps=w, num_stages=s) for x, y, w, s in pairs[:None if AUTOTUNE else 1]]
+    chosen = pairs if AUTOTUNE or len(pairs) < 2 else [pairs[0], pairs[-1]]   # the last one is the small fallback
+    return [triton.Config({a: x, b: y}, num_warps=w, num_stages=s) for x, y, w, s in chosen]
 
 
 # Candidates measured on an H100 (scripts/jvp-config-sweep.sh; B32 H16 N256 d72, bf16). The fused
 # forward keeps BLOCK_N = 32: with Triton 3.6 on Hopper, BLOCK_N ≥ 64 gave a wrong tangent (relative
 # error 0.4; the interpreter is exact with the same tiles) and two such tiles faulted, so they are
 # excluded; the tests run every kernel against float64 on the GPU too. The first candidate of each is the
-# smallest that fits fp32 operands in shared memory (used alone when FEWSTEP_JVP_AUTOTUNE=0).
+# fastest at the DiT shapes; the last is a small fallback that fits fp32 operands at d = 128 in shared
+# memory (the autotuner skips candidates that do not fit).
 _FWD = triton.autotune(
-    _configs([(64, 32, 4, 3)], "BLOCK_M", "BLOCK_N"),
+    _configs([(64, 32, 4, 3), (32, 32, 4, 1)], "BLOCK_M", "BLOCK_N"),
     key=["N", "M", "HEAD_DIM", "TANGENT", "LSE_GIVEN", "CAUSAL", "PREC"])(jvp_flash._attn_fwd)
 _BWD_KV = triton.autotune(
     _configs([(64, 32, 4, 3), (128, 32, 8, 2), (32, 32, 4, 2)], "BLOCK_N", "BLOCK_M"),

@@ -54,7 +54,8 @@ class FlowMatching(Objective):
         y, _ = drop_labels(y, cfg.label_dropout, self.num_classes, generator)
         v = self.backbone(x_t, t, y=y)
         loss = mean_flat((v.float() - (eps - x).float()) ** 2)
-        return LossOutput(loss=loss.mean(), per_sample=loss.detach(), logs={"loss_fm": loss.detach().mean()})
+        return LossOutput(loss=loss.mean(), per_sample=loss.detach(), logs={"loss_fm": loss.detach().mean()},
+                          t=t.detach())
 
     def velocity(self, x: Tensor, t: Tensor, cond: Condition, net: nn.Module) -> Tensor:
         """Guided velocity v_∅ + w·(v_y − v_∅) at (x, t); one evaluation when w = 1 or unconditional."""

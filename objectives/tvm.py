@@ -172,7 +172,7 @@ class TVMObjective(Objective):
             logs[f"loss_terminal_t{i}"] = torch.where(inside, terminal.detach(), 0).mean()
             logs[f"loss_fm_t{i}"] = torch.where(inside, terms.fm.detach(), 0).mean()
             logs[f"frac_t{i}"] = inside.float().mean()
-        return LossOutput(loss=loss.mean(), per_sample=loss.detach(), logs=logs)
+        return LossOutput(loss=loss.mean(), per_sample=loss.detach(), logs=logs, t=times.t.detach())
 
     def training_guidance(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """(n,) float32 CFG scales w for training (before label dropout), as the official code (§1.4)."""

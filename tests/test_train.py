@@ -1,16 +1,18 @@
-"""Training loop on CPU: loss goes down, config saved first, exact resume, bad input refused."""
+"""Training loop on CPU: loss goes down, config saved first, exact resume, bad input refused.
+
+Faults (non-finite steps, kills, signals, failed saves) are in test_reliability.py and test_faults.py."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from fewstep.build import load_objective
 from fewstep.config import ConfigError, apply_overrides, run_config_from_dict
 from fewstep.objectives.fm import FlowMatching
 from fewstep.registry import recipes
-from fewstep.train import NonFiniteLossError, plan_batches, train
+from fewstep.train import plan_batches, train
 
 
 def tiny(fashion_dir, **overrides):
@@ -39,16 +41,26 @@ def test_training_reduces_the_loss_and_writes_the_run(fashion_dir, tmp_path):
     assert result.checkpoint is not None and result.checkpoint.name == "checkpoint-00000040"
 
 
-def test_resume_is_bit_exact(fashion_dir, tmp_path):
+def test_resume_is_bit_exact(fashion_dir, tmp_path, monkeypatch):
+    # 8 steps straight vs 4 + resume + 4: same batches in the same order, and bit-identical weights, EMA,
+    # optimizer state, RNG states and data position (test_reliability.py resumes after faults).
+    batches = []
+    original = FlowMatching.forward
+    monkeypatch.setattr(FlowMatching, "forward", lambda self, x, y, g=None, n=0: batches.append(
+        (x.clone(), y.clone())) or original(self, x, y, g, n))
     straight = train(tiny(fashion_dir), tmp_path / "a", show_progress=False)
+    seen_straight, batches[:] = list(batches), []
     train(tiny(fashion_dir, **{"train.total_kimg": 0.064}), tmp_path / "b", show_progress=False)
     resumed = train(tiny(fashion_dir), tmp_path / "b", show_progress=False)
-    assert resumed.step == straight.step == 8
-    a, _, _ = load_objective(tmp_path / "a")
-    b, _, _ = load_objective(tmp_path / "b")
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa), "weights or EMA differ after resume"
+    assert resumed.step == straight.step == 8 and len(batches) == 8
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seen_straight, batches))
+    for name in ("objective.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"):
+        sa = load_file(straight.checkpoint / name)
+        sb = load_file(resumed.checkpoint / name)
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{name} differs after resume"
+    ma, mb = (json.loads((r.checkpoint / "manifest.json").read_text()) for r in (straight, resumed))
+    assert ma["optimizer"] == mb["optimizer"] and ma["data_position"] == mb["data_position"] == 128
 
 
 def test_gradient_accumulation_consumes_the_whole_global_batch(fashion_dir, tmp_path):
@@ -71,22 +83,3 @@ def test_batch_that_does_not_divide_is_refused(fashion_dir):
     with pytest.raises(ConfigError, match=r"train.batch=10 must be divisible by devices \(1\) × train.batch_per_gpu \(4\)"):
         plan_batches(cfg, 1)
     assert plan_batches(tiny(fashion_dir, **{"train.batch": 16, "train.batch_per_gpu": 4}), 2).accumulation == 2
-
-
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(fashion_dir, tmp_path, monkeypatch):
-    cfg = tiny(fashion_dir, **{"train.checkpoint_kimg": 0.032})
-    calls = {"n": 0}
-    original = FlowMatching.forward
-
-    def poisoned(self, x, y, generator=None, nimg=0):
-        out = original(self, x, y, generator, nimg)
-        calls["n"] += 1
-        if calls["n"] == 5:
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(FlowMatching, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4 \(0.06 kimg\).*newest checkpoint"):
-        train(cfg, tmp_path / "n", show_progress=False)
-    obj, _, ckpt = load_objective(tmp_path / "n")
-    assert ckpt.step == 4 and all(torch.isfinite(p).all() for p in obj.parameters())

@@ -58,6 +58,7 @@ class InMemoryImageDataset(Dataset):
             raise ValueError(f"images must be (N, C, H, H) uint8, got {tuple(images.shape)} {images.dtype}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+        check_labels(labels, num_classes, name)
         self.images = images.contiguous()
         self.labels = labels.to(torch.int64).contiguous()
         self.class_names = list(class_names) if class_names is not None else None
@@ -96,4 +97,52 @@ def load_dataset(cfg: DataConfig) -> Any:
     if not isinstance(getattr(dataset, "spec", None), DataSpec):
         raise DataError(f"dataset {cfg.name!r} ({datasets.entry(name).source}) returned an object without "
                         f"a DataSpec .spec: {type(dataset).__name__}")
+    check_dataset(dataset, cfg.name)
     return dataset
+
+
+def check_labels(labels: Tensor, num_classes: int, name: str) -> None:
+    """Labels (N,) must lie in ``[0, num_classes)`` (anything goes when unconditional); names the first offender."""
+    if num_classes < 0:
+        raise DataError(f"{name}: num_classes must be ≥ 0, got {num_classes}")
+    if num_classes == 0 or labels.numel() == 0 or (int(labels.min()) >= 0 and int(labels.max()) < num_classes):
+        return
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise DataError(f"{name}: label {int(labels[i])} of item {i} is outside [0, {num_classes}) "
+                        f"({bad.numel()} labels out of range)")
+
+
+def check_item(x: Any, y: Any, spec: DataSpec, index: int | str) -> None:
+    """One ``(x, y)`` item (or batch, with ``index`` a description) must match ``spec``."""
+    want = (spec.channels, spec.resolution, spec.resolution)
+    if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape[-3:]) != want or x.ndim not in (3, 4):
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise DataError(f"{spec.name}: item {index} is {got}, but the dataset's spec says float (C, H, W) = "
+                        f"{want}; images of mixed sizes or channel counts need data.resolution (image "
+                        f"folders) or one size and channel count throughout")
+    y = torch.as_tensor(y)
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise DataError(f"{spec.name}: label of item {index} has dtype {y.dtype}; labels are int64 class ids")
+    check_labels(y.reshape(-1), spec.num_classes, f"{spec.name} (item {index})")
+
+
+def check_dataset(dataset: Any, name: str) -> None:
+    """Cheap checks before any compute: not empty, ``len`` agrees with the spec, stored labels in range,
+    and the first and last items shaped as the spec says (the loader checks every later batch)."""
+    spec: DataSpec = dataset.spec
+    n = len(dataset)
+    if n == 0:
+        raise DataError(f"dataset {name!r} is empty (0 items); check data.root and data.split")
+    if spec.num_items != n:
+        raise DataError(f"dataset {name!r} has {n} items but its spec says num_items={spec.num_items}")
+    if min(spec.channels, spec.resolution) < 1:
+        raise DataError(f"dataset {name!r} has a spec with channels={spec.channels}, "
+                        f"resolution={spec.resolution}; both must be ≥ 1")
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor):
+        check_labels(labels, spec.num_classes, repr(name))
+    for i in sorted({0, n - 1}):
+        x, y = dataset[i]
+        check_item(x, y, spec, i)

@@ -13,9 +13,27 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+
+from fewstep.data.base import check_item
 
 _MIX = 0x9E3779B97F4A7C15   # golden-ratio constant: decorrelates (seed, epoch) pairs
+
+
+class CheckedItems(Dataset):
+    """A view of a dataset whose items are checked against its spec, so an image of another size or
+    channel count is reported with its index instead of failing inside batch collation."""
+
+    def __init__(self, dataset: Any):
+        self.dataset, self.spec = dataset, dataset.spec
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.dataset[index]
+        check_item(x, y, self.spec, index)
+        return x, y
 
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> Tensor:
@@ -116,6 +134,9 @@ class BatchStream:
         if self._batches is None:
             self._batches = self._start()
         x, y = next(self._batches)
+        spec = getattr(self.dataset, "spec", None)
+        if spec is not None:   # cheap: a shape compare and two reductions over B labels
+            check_item(x, y, spec, f"batch at stream position {self.position}")
         self.position += self.indices.global_batch
         if self.device is not None:
             x = x.to(self.device, non_blocking=True)
@@ -127,6 +148,7 @@ class BatchStream:
             start, step = self.indices.start_position, self.indices.global_batch
             return (self.dataset.get_batch(self.indices.batch_at(p)) for p in itertools.count(start, step))
         pin = self.device is not None and self.device.type == "cuda"
-        loader = DataLoader(self.dataset, batch_sampler=self.indices, num_workers=self.num_workers,
+        dataset = CheckedItems(self.dataset) if hasattr(self.dataset, "spec") else self.dataset
+        loader = DataLoader(dataset, batch_sampler=self.indices, num_workers=self.num_workers,
                             pin_memory=pin, persistent_workers=self.num_workers > 0)
         return iter(loader)

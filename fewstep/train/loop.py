@@ -4,12 +4,16 @@ Accelerate prepares the *objective* (which owns the backbone), so every JVP runs
 forward. Durations and intervals are in kimg; gradient accumulation only splits the global batch and
 never changes the experiment. The resolved config is written before step 0; checkpoints hold weights,
 EMAs, optimizer, RNG states and the data position, so a resumed run continues the same stream.
+
+Faults (docs/reliability.md): everything about the input is checked before any compute; a step with a
+non-finite loss or gradient is skipped and logged (``train.max_bad_steps`` in a row stop the run);
+SIGTERM/SIGINT stop after the current step with a final checkpoint; a save that fails (disk full,
+permissions) is reported and retried at the next interval while the state stays in memory.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,55 +23,37 @@ import torch
 from accelerate import Accelerator
 
 from fewstep import __version__
-from fewstep.build import build_objective, resolve, write_run_config
-from fewstep.checkpoints import latest_checkpoint, load_optimizer_state, save_checkpoint
-from fewstep.config import ConfigError, RunConfig, to_dict
+from fewstep.build import build_objective, load_state, resolve, write_run_config
+from fewstep.checkpoints import CheckpointWriteError, load_optimizer_state, save_checkpoint
+from fewstep.config import RunConfig, to_dict
 from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
 from fewstep.images import make_grid, to_uint8, write_png
 from fewstep.sample import sample
+from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
+from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
 from fewstep.train.status import StatusLog, peak_flops
 
-# Fields that may change between a run and its resumption (length and bookkeeping only).
-RESUMABLE_CHANGES = {"train.total_kimg", "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
-                     "train.keep_checkpoints", "data.num_workers", "data.root", "sample.nfe",
-                     "sample.num_images", "sample.weights", "sample.guidance"}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; training stopped before the bad update was applied."""
+__all__ = ["NonFiniteLossError", "RESUMABLE_CHANGES", "TrainResult", "check_config", "plan_batches", "train"]
 
 
 @dataclass
 class TrainResult:
-    """Where a finished (or stopped) run stands."""
+    """Where a finished (or stopped) run stands.
+
+    Attributes:
+        stopped: ``"SIGTERM"``/``"SIGINT"`` when a signal stopped the run early, else ``None``.
+        skipped_steps: steps skipped for a non-finite loss or gradient, over the whole run.
+    """
 
     run_dir: Path
     step: int
     kimg: float
     loss: float | None
     checkpoint: Path | None
-
-
-@dataclass
-class _Layout:
-    world: int
-    batch_per_gpu: int
-    accumulation: int
-
-
-def plan_batches(cfg: RunConfig, world: int) -> _Layout:
-    """Check that the global batch splits over devices × accumulation rounds; fail with the numbers."""
-    t = cfg.train
-    if t.batch < 1:
-        raise ConfigError(f"train.batch must be ≥ 1, got {t.batch}")
-    per_gpu = t.batch_per_gpu or t.batch // world
-    if per_gpu < 1 or t.batch % (world * per_gpu):
-        raise ConfigError(f"train.batch={t.batch} must be divisible by devices ({world}) × "
-                          f"train.batch_per_gpu ({t.batch_per_gpu or 'auto'}); try a batch that is a multiple "
-                          f"of {world * max(per_gpu, 1)}")
-    return _Layout(world, per_gpu, t.batch // (world * per_gpu))
+    stopped: str | None = None
+    skipped_steps: int = 0
 
 
 def _next(nimg: int, interval: float) -> float:
@@ -75,48 +61,36 @@ def _next(nimg: int, interval: float) -> float:
     return (math.floor(nimg / interval) + 1) * interval if interval > 0 else math.inf
 
 
-def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
-    path = run_dir / "config.json"
-    if not path.exists():
-        return
-    old = _flatten(json.loads(path.read_text())["config"])
-    new = _flatten(to_dict(cfg))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        diff = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:6])
-        raise ConfigError(f"{run_dir} already holds a run with a different config ({diff}); "
-                          f"use another --out directory, or the same settings to resume it")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "ema_betas":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -> TrainResult:
     """Train ``cfg`` in ``run_dir``, resuming from its newest valid checkpoint if there is one."""
     run_dir = Path(run_dir)
+    check_config(cfg)
     cfg = resolve(cfg)
-    t = cfg.train
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda,
-                              mixed_precision="bf16" if (cuda and t.precision == "bf16") else "no")
-    device, rank = accelerator.device, accelerator.process_index
+                              mixed_precision="bf16" if (cuda and cfg.train.precision == "bf16") else "no")
     layout = plan_batches(cfg, accelerator.num_processes)
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(RunLock(run_dir))
+        preempt = stack.enter_context(Preemption())
+        return _train(cfg, run_dir, accelerator, layout, preempt, show_progress)
+
+
+def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layout, preempt: Preemption,
+           show_progress: bool) -> TrainResult:
+    t = cfg.train
+    device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
+    cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
 
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data)   # checked: not empty, labels in range, items shaped as the spec
     spec: DataSpec = dataset.spec
-    if accelerator.is_main_process:
-        _check_resumable(run_dir, cfg)
+    notes: list[str] = []
+    ckpt = find_resume(run_dir, cfg, spec, accelerator, notes)
+    if main:
         write_run_config(run_dir, cfg, spec)
     accelerator.wait_for_everyone()
 
@@ -125,15 +99,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
+    guard = BadSteps(limit=t.max_bad_steps)
 
     step, nimg, position = 0, 0, 0
-    ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        objective.load_state_dict(ckpt.tensors("objective.safetensors"))
+        load_state(objective, ckpt)
         opt_state = load_optimizer_state(ckpt)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
         step, nimg, position = ckpt.step, int(ckpt.manifest["nimg"]), int(ckpt.manifest["data_position"])
+        guard.skipped = int(ckpt.manifest.get("skipped_steps", 0))
+        guard.streak = int(ckpt.manifest.get("bad_streak", 0))
         rng_file = ckpt.path / f"rng-rank{rank}.safetensors"
         if rng_file.exists():
             rng = ckpt.tensors(rng_file.name)
@@ -147,70 +123,127 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
                          num_workers=cfg.data.num_workers, device=device, start_position=position)
     batches = iter(stream)
     total_nimg = int(round(t.total_kimg * 1000))
-    status = StatusLog(run_dir, t.total_kimg, nimg / 1000, enabled=accelerator.is_main_process,
-                       show_progress=show_progress)
+    status = StatusLog(run_dir, t.total_kimg, nimg / 1000, enabled=main, show_progress=show_progress)
+    for note in notes:
+        status.event({"event": "checkpoint_skipped", "message": note}, f"warning: {note}")
     if ckpt is not None:
-        status.print(f"resumed from {ckpt.path.name} at {nimg / 1000:.1f} kimg")
+        status.print(f"resumed from {ckpt.path.name} at {nimg / 1000:.3f} kimg (step {step})")
     fwd_flops = getattr(objective.backbone, "forward_flops", None)
     flops_per_img = objective.flops_per_sample(fwd_flops(1)) if fwd_flops else None
     peak = peak_flops(device)
+    reduce_sum = (lambda v: accelerator.reduce(v, "sum")) if layout.world > 1 else None
+    saved = {"step": ckpt.step if ckpt else -1, "path": ckpt.path if ckpt else None}
 
-    def save() -> Path | None:
+    def save(final: bool) -> Path | None:
+        """Write checkpoint-<step> (once per step). A failure keeps the state in memory and leaves older
+        checkpoints untouched; it is retried at the next interval, and raised when ``final``."""
+        if saved["step"] == step:
+            return saved["path"]
         rng = {"cpu": torch.get_rng_state(), "objective": generator.get_state()}
         if cuda:
             rng["cuda"] = torch.cuda.get_rng_state(device)
         rngs = accelerator.gather_for_metrics([rng], use_gather_object=True) if layout.world > 1 else [rng]
-        path = None
-        if accelerator.is_main_process:
-            path = save_checkpoint(
-                run_dir, step, objective_state=accelerator.unwrap_model(model).state_dict(),
-                optimizer_state=optimizer.state_dict(), rng_states=rngs, keep=t.keep_checkpoints,
-                manifest={"nimg": nimg, "kimg": nimg / 1000, "data_position": stream.position,
-                          "config": to_dict(cfg), "data_spec": dataclasses.asdict(spec),
-                          "fewstep_version": __version__, "torch_version": torch.__version__})
+        path, error = None, None
+        if main:
+            try:
+                path = save_checkpoint(
+                    run_dir, step, objective_state=accelerator.unwrap_model(model).state_dict(),
+                    optimizer_state=optimizer.state_dict(), rng_states=rngs, keep=t.keep_checkpoints,
+                    manifest={"nimg": nimg, "kimg": nimg / 1000, "data_position": stream.position,
+                              "skipped_steps": guard.skipped, "bad_streak": guard.streak,
+                              "config": to_dict(cfg), "data_spec": dataclasses.asdict(spec),
+                              "fewstep_version": __version__, "torch_version": torch.__version__})
+            except OSError as exc:
+                error = exc
         accelerator.wait_for_everyone()
-        return path
+        if error is None:
+            saved.update(step=step, path=path)
+            return path
+        newest = saved["path"].name if saved["path"] else "none yet"
+        message = (f"could not write checkpoint-{step:08d} in {run_dir}: {error}. The training state is still "
+                   f"in memory and the newest checkpoint ({newest}) is untouched")
+        if final:
+            raise CheckpointWriteError(message + "; free space or fix permissions, then rerun the same command "
+                                       "to resume from it") from error
+        status.event({"event": "save_failed", "step": step, "kimg": nimg / 1000, "error": str(error)},
+                     f"error: {message}; training goes on and saving is retried at the next checkpoint interval")
+        return None
 
     def grid(tag: str) -> None:
-        if not accelerator.is_main_process:
+        if not main:
             return
         obj = accelerator.unwrap_model(model)
         seeds = list(range(cfg.sample.num_images))
         blocks = [to_uint8(sample(obj, seeds, nfe, weights=cfg.sample.weights, guidance=cfg.sample.guidance,
                                   autocast=cuda and t.precision == "bf16").images) for nfe in cfg.sample.nfe]
-        write_png(run_dir / "samples" / f"{tag}.png", make_grid(blocks))
+        try:
+            write_png(run_dir / "samples" / f"{tag}.png", make_grid(blocks))
+        except OSError as exc:
+            status.event({"event": "grid_failed", "error": str(exc)}, f"warning: sample grid {tag} not written: {exc}")
+
+    def skip(info: BadStep) -> None:
+        """Log a skipped step (``info`` merged over ranks) and stop after too many in a row."""
+        if layout.world > 1:
+            infos = accelerator.gather_for_metrics([info], use_gather_object=True)
+            ranges = [i.t_range for i in infos if i.t_range]
+            info = BadStep(list(dict.fromkeys(k for i in infos for k in i.terms)), sum(i.bad_samples for i in infos),
+                           (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None, info.grad_norm)
+        span = f"step {step + 1} (kimg {nimg / 1000:.3f}–{(nimg + t.batch) / 1000:.3f})"
+        norm = info.grad_norm
+        status.event({"event": "nonfinite", "step": step + 1, "kimg": nimg / 1000, "terms": info.terms,
+                      "bad_samples": info.bad_samples, "t_range": info.t_range,
+                      "grad_norm": norm if norm is None or math.isfinite(norm) else str(norm),
+                      "consecutive": guard.streak, "skipped_steps": guard.skipped},
+                     f"warning: skipped {span}: {info.describe()} ({guard.streak} in a row, {guard.skipped} in all)")
+        if guard.exhausted:
+            newest = saved["path"].name if saved["path"] else "none written yet"
+            raise NonFiniteLossError(
+                f"{guard.streak} consecutive steps had a non-finite loss or gradient, the last at {span}: "
+                f"{info.describe()}. No bad update was applied and the newest checkpoint in {run_dir} "
+                f"({newest}) is intact. Lower train.lr, set train.grad_clip or check the data; "
+                f"train.max_bad_steps={t.max_bad_steps} sets how many bad steps in a row are tolerated.")
 
     interval = {"status": t.status_kimg * 1000, "checkpoint": t.checkpoint_kimg * 1000, "sample": t.sample_kimg * 1000}
     next_at = {k: _next(nimg, v) for k, v in interval.items()}
     sums: dict[str, torch.Tensor] = {}
     ticks, tick_start, tick_nimg = 0, time.time(), nimg
-    last_loss, last_ckpt = None, None
+    last_loss, stopped = None, None
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     try:
         while nimg < total_nimg:
             model.train()
+            step_logs: dict[str, torch.Tensor] = {}
             for micro in range(layout.accumulation):
                 x, y = next(batches)
                 y = y if spec.num_classes else None
                 sync = micro == layout.accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     out = model(x, y, generator, nimg)
-                    if not torch.isfinite(out.loss):
-                        bad = {k: float(v) for k, v in out.logs.items()}
-                        raise NonFiniteLossError(
-                            f"loss is {out.loss.item()} at step {step} ({nimg / 1000:.2f} kimg); terms {bad}. "
-                            f"The update was not applied; the newest checkpoint in {run_dir} is intact.")
                     accelerator.backward(out.loss / layout.accumulation)
+                guard.observe(out)
                 for k, v in {"loss": out.loss, **out.logs}.items():
                     v = torch.as_tensor(v, device=device).detach().float()
-                    sums[k] = sums.get(k, 0) + v / layout.accumulation
-            if t.grad_clip is not None:
-                accelerator.clip_grad_norm_(params, t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.unwrap_model(model).after_step()
-            step, ticks, nimg = step + 1, ticks + 1, nimg + t.batch
+                    step_logs[k] = step_logs.get(k, 0) + v / layout.accumulation
+            # Global gradient norm (after unscaling, over all ranks); with no clipping, max_norm=∞ scales by 1.
+            grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip is not None else math.inf)
+            bad = guard.is_bad(grad_norm, reduce_sum)   # the one host sync of a step
+            if bad:
+                info = guard.describe(grad_norm)
+                optimizer.zero_grad(set_to_none=True)
+                guard.record(True)
+                skip(info)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.unwrap_model(model).after_step()
+                guard.record(False)
+                if grad_norm is not None:
+                    step_logs["grad_norm"] = torch.as_tensor(grad_norm, device=device).detach().float()
+                for k, v in step_logs.items():
+                    sums[k] = sums.get(k, 0) + v
+                ticks += 1
+            step, nimg = step + 1, nimg + t.batch
             done = nimg >= total_nimg
             if nimg >= next_at["status"] or done:
                 elapsed = time.time() - tick_start
@@ -218,26 +251,39 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
                           **{k: float(accelerator.reduce(v, "mean")) / ticks for k, v in sums.items()},
                           "img_per_s": (nimg - tick_nimg) / max(elapsed, 1e-9),
                           "sec_per_kimg": elapsed / max((nimg - tick_nimg) / 1000, 1e-9), "time": time.time()}
+                if guard.skipped:
+                    record["skipped_steps"] = guard.skipped
                 if flops_per_img:
                     record["tflops"] = flops_per_img * record["img_per_s"] / layout.world / 1e12
                     if peak:
                         record["mfu"] = record["tflops"] * 1e12 / peak
                 if cuda:
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                last_loss = record["loss"]
+                last_loss = record.get("loss", last_loss)
                 status.report(record)
                 sums, ticks, tick_start, tick_nimg = {}, 0, time.time(), nimg
                 next_at["status"] = _next(nimg, interval["status"])
             if nimg >= next_at["sample"] and not done and spec.kind != "points":
                 grid(f"kimg{nimg / 1000:08.1f}")
                 next_at["sample"] = _next(nimg, interval["sample"])
-            if nimg >= next_at["checkpoint"] and not done:
-                last_ckpt = save()
+            if nimg >= next_at["checkpoint"] and not done and not guard.streak:   # in a bad streak: after it
+                save(final=False)
                 next_at["checkpoint"] = _next(nimg, interval["checkpoint"])
-        if ckpt is None or step > ckpt.step:
-            last_ckpt = save()
-        if spec.kind == "points":   # toy data: metrics.json (sliced Wasserstein per NFE) and a scatter plot
-            if accelerator.is_main_process:
+            stop = preempt.received is not None
+            if reduce_sum is not None:
+                stop = bool(reduce_sum(torch.tensor(float(stop), device=device)) > 0)
+            if stop and not done:
+                names = ([preempt.received] if reduce_sum is None else
+                         accelerator.gather_for_metrics([preempt.received], use_gather_object=True))
+                stopped = next(name for name in names if name)
+                break
+        last_ckpt = save(final=True)
+        if stopped:
+            status.event({"event": "stopped", "signal": stopped, "step": step, "kimg": nimg / 1000},
+                         f"received {stopped}: stopped after step {step} ({nimg / 1000:.3f} kimg) with "
+                         f"checkpoint {last_ckpt}; run the same command again to resume")
+        elif spec.kind == "points":   # toy data: metrics.json (sliced Wasserstein per NFE) and a scatter plot
+            if main:
                 from fewstep.evaluate import evaluate_points
 
                 held_out = load_dataset(dataclasses.replace(cfg.data, split="test"))
@@ -249,5 +295,5 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
     finally:
         status.close()
     accelerator.end_training()
-    return TrainResult(run_dir=run_dir, step=step, kimg=nimg / 1000, loss=last_loss,
-                       checkpoint=last_ckpt or (ckpt.path if ckpt else None))
+    return TrainResult(run_dir=run_dir, step=step, kimg=nimg / 1000, loss=last_loss, checkpoint=last_ckpt,
+                       stopped=stopped, skipped_steps=guard.skipped)

@@ -35,6 +35,7 @@ class StatusLog:
     def __init__(self, run_dir: Path, total_kimg: float, start_kimg: float, enabled: bool = True,
                  show_progress: bool = True):
         self.enabled = enabled
+        self._write_failed = False
         self.console = Console(stderr=True)
         self.path = run_dir / "log.jsonl"
         self.progress = None
@@ -48,12 +49,29 @@ class StatusLog:
             self.progress.start()
         self.total_kimg = total_kimg
 
+    def _append(self, record: dict[str, Any]) -> None:
+        """Append one JSON line; a full disk or unwritable directory is reported once, never fatal."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self._write_failed = False
+        except OSError as exc:
+            if not self._write_failed:
+                self.console.print(f"[yellow]warning:[/] cannot append to {self.path}: {exc}", highlight=False)
+            self._write_failed = True
+
+    def event(self, record: dict[str, Any], message: str) -> None:
+        """Log an event record (``{"event": …}``) to ``log.jsonl`` and print ``message``."""
+        if not self.enabled:
+            return
+        self._append(record)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
     def report(self, record: dict[str, Any]) -> None:
         """Show and append one status record (must hold ``kimg``)."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(record)
         loss = record.get("loss")
         stats = f"loss {loss:.4f}  {record.get('img_per_s', 0):.0f} img/s" if loss is not None else ""
         if "mfu" in record:
@@ -66,7 +84,7 @@ class StatusLog:
 
     def print(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:
