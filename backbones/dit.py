@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fewstep.backbones.dit_tangents import block_jvp, dit_jvp, final_layer_jvp
 from fewstep.backbones.inputs import check_conditioning, condition_vector
 from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder,
                                       make_norm, modulate, sincos_pos_embed_2d, spectral_init_,
@@ -140,8 +141,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
         self.adaLN_modulation = Modulation(D, 6, cfg.mod_norm)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x (B, N, D), c (B, D) → (B, N, D)."""
+    def forward(self, x: Tensor, c: Tensor, tx: Tensor | None = None,
+                tc: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
+        """x (B, N, D), c (B, D) → (B, N, D); with tangents tx (B, N, D) and/or tc (B, D), the pair
+        (out, tangent out) (:func:`fewstep.backbones.dit_tangents.block_jvp`)."""
+        if tx is not None or tc is not None:
+            return block_jvp(self, x, c, tx, tc)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).unbind(1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -156,7 +161,11 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = Modulation(cfg.hidden_size, 2, cfg.mod_norm)
         self.linear = nn.Linear(cfg.hidden_size, out_dim)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, tx: Tensor | None = None,
+                tc: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | None]:
+        """x (B, N, D), c (B, D) → (B, N, p²·C); with tangents, the pair (out, tangent out)."""
+        if tx is not None or tc is not None:
+            return final_layer_jvp(self, x, c, tx, tc)
         shift, scale = self.adaLN_modulation(c).unbind(1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
@@ -175,6 +184,8 @@ class DiT(nn.Module):
             the null label). 0 = unconditional: no label table, ``y`` must be ``None``.
     """
 
+    supports_tangents = True   # forward(..., tangents=) gives the explicit JVP
+
     def __init__(self, config: DiTConfig, in_channels: int, input_size: int, num_classes: int):
         super().__init__()
         p, D = config.patch_size, config.hidden_size
@@ -183,6 +194,7 @@ class DiT(nn.Module):
         if input_size % p:
             raise ValueError(f"input resolution {input_size} is not divisible by patch_size {p}")
         self.config, self.in_channels, self.input_size, self.num_classes = config, in_channels, input_size, num_classes
+        self.activation_checkpointing = False
         self.grid = input_size // p                                             # tokens per side
         self.x_embedder = nn.Conv2d(in_channels, D, kernel_size=p, stride=p, bias=True)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, D), requires_grad=False)
@@ -193,6 +205,11 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(config, p * p * in_channels)
         self.initialize_weights()
+
+    def compile_regions(self) -> list[nn.Module]:
+        """Modules to ``torch.compile`` one by one (regional compilation: every block shares one
+        compiled graph per mode — forward, tangent, no-grad — so compiling takes seconds, not minutes)."""
+        return list(self.blocks)
 
     def time_embedders(self) -> list[TimestepEmbedder]:
         return [e for e in (self.t_embedder, self.gap_embedder, self.guidance_embedder) if e is not None]
@@ -228,23 +245,50 @@ class DiT(nn.Module):
         self.pos_embed.copy_(pos.to(self.pos_embed.dtype)[None])
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
-                **cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None, *,
+                tangents: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
+                **cond: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """x (B, C, H, W); t, s (B,) floats (s=None: one-time call); y (B,) int64 in
         [0, num_classes] (num_classes = null; None = all null); ``guidance=`` (B,) float iff the
-        guidance embedder exists. Returns (B, C, H, W), in the autocast dtype under autocast."""
+        guidance embedder exists. Returns (B, C, H, W), in the autocast dtype under autocast.
+
+        With ``tangents=(tx, tt, ts)`` (shapes of x, t, s; ``None`` = zero) returns ``(F, J·tangents)``,
+        the forward-mode derivative written out layer by layer (:mod:`fewstep.backbones.dit_tangents`):
+        same values as ``torch.func.jvp`` of the forward, differentiable in both outputs."""
         self._check_inputs(x, t, s, y, cond)
+        if tangents is not None:
+            self._check_tangents(x, t, s, tangents)
+            return dit_jvp(self, x, t, s, y, cond, tangents)
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, N, D)
         c = condition_vector(self, t, s, y, cond)
         for block in self.blocks:
-            h = block(h, c)
+            h = self.run_block(block, h, c)
         return self.unpatchify(self.final_layer(h, c))
+
+    def run_block(self, block: nn.Module, *args: Tensor | None):
+        """``block(*args)``, recomputed in backward when activation checkpointing is on."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations (and tangents) in backward instead of storing them:
+        about one more forward per step for a fraction of the activation memory."""
+        self.activation_checkpointing = bool(enabled)
 
     def unpatchify(self, h: Tensor) -> Tensor:
         """(B, N, p²·C) tokens → (B, C, H, W) image."""
         B, g, p, C = h.shape[0], self.grid, self.config.patch_size, self.in_channels
         h = h.reshape(B, g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, g * p, g * p)
+
+    def _check_tangents(self, x: Tensor, t: Tensor, s: Tensor | None, tangents: tuple) -> None:
+        if not isinstance(tangents, (tuple, list)) or len(tangents) != 3:
+            raise ValueError("tangents must be a triple (tx, tt, ts) shaped like (x, t, s); use None for zero")
+        for name, p, tp in zip(("x", "t", "s"), (x, t, s), tangents):
+            if tp is not None and (p is None or tp.shape != p.shape):
+                raise ValueError(f"tangent of {name} must have the shape of {name} "
+                                 f"{None if p is None else tuple(p.shape)}, got {tuple(tp.shape)}")
 
     def _check_inputs(self, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | None,
                       cond: dict[str, Tensor]) -> None:

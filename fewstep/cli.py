@@ -182,6 +182,111 @@ def bench_attention(
                                    "rows": [vars(r) for r in rows]}, indent=1, default=str))
 
 
+@bench_app.command("step")
+def bench_step(
+    objective: str = typer.Option("tvm", help="Objective to time."),
+    backbone: str = typer.Option("dit-xl", help="Backbone flavour (the recipe's architecture switches are kept)."),
+    recipe: str = typer.Option("imagenet-256-tvm-w2", help="Recipe giving architecture, precision and optimizer."),
+    batch: int = typer.Option(32, help="Images per step (one GPU)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the backbones' blocks (regional)."),
+    checkpointing: bool = typer.Option(False, "--checkpointing", help="Activation checkpointing of every block."),
+    jvp: str = typer.Option("explicit", help="JVP path: explicit (the backbone's own tangent rules) or "
+                            "functorch (torch.func.jvp, as the official code)."),
+    baseline: str = typer.Option("fm", help="Objective timed in the same process for the ratio ('none': skip)."),
+    channels: int = typer.Option(4, help="Synthetic data channels (ImageNet-256 SD-VAE latents: 4)."),
+    resolution: int = typer.Option(32, help="Synthetic data side (ImageNet-256 latents: 32)."),
+    classes: int = typer.Option(1000, help="Number of classes of the synthetic labels."),
+    steps: int = typer.Option(10, help="Timed steps (median reported)."),
+    warmup: int = typer.Option(3, help="Untimed steps first (compilation, autotuning, allocator)."),
+    set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the measurements as JSON here."),
+) -> None:
+    """Full training steps (forward, JVP, backward, AdamW, EMA updates) on synthetic data: median
+    s/step, images/s, peak memory, kernels/step and MFU, with the baseline's in the same process."""
+    import dataclasses
+
+    import torch
+
+    from fewstep.bench.step import bench_objective, summary
+    from fewstep.build import resolve
+    from fewstep.contracts import DataSpec
+
+    if not torch.cuda.is_available():
+        _fail(ValueError("fewstep bench step needs a CUDA GPU"))
+    try:
+        spec = DataSpec(name="synthetic", channels=channels, resolution=resolution, num_classes=classes,
+                        num_items=batch, kind="latents")
+        if jvp not in ("explicit", "functorch"):
+            raise ValueError(f"--jvp must be explicit or functorch, got {jvp!r}")
+        names = [objective] + ([baseline] if baseline not in ("none", objective) else [])
+        configs = [resolve(build_config(recipe, name, backbone, None, None, None, set_)) for name in names]
+    except USER_ERRORS as exc:
+        _fail(exc)
+    import triton
+
+    console.print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
+                  f"{configs[0].backbone.name} · batch {batch} · {configs[0].train.precision}", highlight=False)
+    results = []
+    for cfg in configs:
+        results.append(bench_objective(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
+                                       functorch=jvp == "functorch", checkpointing=checkpointing))
+        console.print(summary(results[-1:], None)[0], highlight=False)
+    base = results[1] if len(results) > 1 else None
+    for line in summary(results, base):
+        console.print(line, highlight=False)
+    if out is not None:
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "triton": triton.__version__, "batch": batch, "compile": compile, "jvp": jvp,
+                                   "backbone": dataclasses.asdict(configs[0].backbone),
+                                   "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+
+
+@bench_app.command("sample")
+def bench_sample(
+    objective: str = typer.Option("tvm", help="Objective whose sampler is timed."),
+    backbone: str = typer.Option("dit-xl", help="Backbone flavour."),
+    recipe: str = typer.Option("imagenet-256-tvm-w2", help="Recipe giving the architecture."),
+    nfe: str = typer.Option("1,2,4", help="Comma-separated numbers of steps."),
+    batch: int = typer.Option(64, help="Images per batch."),
+    modes: str = typer.Option("eager,compile,graphs", help="Comma-separated: eager, compile, graphs (CUDA graphs)."),
+    channels: int = typer.Option(4, help="Data channels (ImageNet-256 latents: 4)."),
+    resolution: int = typer.Option(32, help="Data side (ImageNet-256 latents: 32)."),
+    classes: int = typer.Option(1000, help="Number of classes."),
+    reps: int = typer.Option(20, help="Timed repetitions (median reported)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the measurements as JSON here."),
+) -> None:
+    """Few-step sampling images/s against a bare backbone forward at the same batch, per mode."""
+    import dataclasses
+
+    import torch
+
+    from fewstep.bench.sampling import MODES, bench_sampling, summary
+    from fewstep.contracts import DataSpec
+
+    if not torch.cuda.is_available():
+        _fail(ValueError("fewstep bench sample needs a CUDA GPU"))
+    try:
+        nfes = [int(v) for v in nfe.split(",")]
+        mode_list = [m.strip() for m in modes.split(",")]
+        bad = [m for m in mode_list if m not in MODES]
+        if bad or any(k < 1 for k in nfes):
+            raise ValueError(f"modes must be among {', '.join(MODES)} and NFEs ≥ 1, got {modes!r}, {nfe!r}")
+        cfg = build_config(recipe, objective, backbone, None, None, None, [])
+        spec = DataSpec(name="synthetic", channels=channels, resolution=resolution, num_classes=classes,
+                        num_items=batch, kind="latents")
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · {cfg.backbone.name} · {objective} "
+                  f"· batch {batch} · bf16", highlight=False)
+    rows = bench_sampling(cfg, spec, batch=batch, nfes=nfes, modes=mode_list, reps=reps)
+    for line in summary(rows):
+        console.print(line, highlight=False)
+    if out is not None:
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "batch": batch, "objective": objective,
+                                   "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+
+
 @app.command("list")
 def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones, datasets, recipes, metrics or extractors (default: all).")) -> None:
     """List registered components (with their source package), planned and unavailable ones."""
@@ -312,6 +417,138 @@ def bench_fid(
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
+
+
+@app.command()
+def prepare(
+    data: str = typer.Option(..., help="Source images: imagefolder:PATH, hub:NAME or a registered RGB dataset."),
+    out: Path = typer.Option(..., help="Output directory (a HF datasets dataset on disk + latents.json); "
+                             "an unfinished one is resumed."),
+    resolution: int = typer.Option(256, help="ADM centre crop to this side in pixels (a multiple of the VAE's 8)."),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="diffusers AutoencoderKL: Hub id or local directory."),
+    split: str = typer.Option("train", help="Dataset split."),
+    batch: int = typer.Option(64, help="Images per encoder call per process."),
+    shard_size: int = typer.Option(10000, help="Items per shard (the unit of resuming and of the split over processes)."),
+    workers: int = typer.Option(4, help="DataLoader workers decoding and cropping images, per process."),
+    dtype: str = typer.Option("float32", help="Stored precision of the posterior mean and std: float32 or float16."),
+    seed: int = typer.Option(0, help="Seed of the latent draws behind the per-channel statistics."),
+    limit: Optional[int] = typer.Option(None, help="Encode only the first LIMIT items (a quick trial)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Encode images with a VAE into latents for training (posterior mean and std per image, labels, per-channel
+    statistics); resumable; spreads over GPUs under `accelerate launch -m fewstep.cli prepare ...`."""
+    from fewstep.data.prepare import prepare_latents
+
+    try:
+        prepare_latents(data, out, resolution=resolution, vae=vae, split=split, batch_size=batch,
+                        shard_size=shard_size, workers=workers, dtype=dtype, seed=seed, limit=limit,
+                        progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"train on it with --data latents:{out}", highlight=False, soft_wrap=True)
+
+
+@bench_app.command("data")
+def bench_data(
+    data: str = typer.Option("fashion-mnist", help="Dataset: a registered name, imagefolder:PATH, hub:NAME or latents:DIR."),
+    root: Optional[str] = typer.Option(None, help="Directory holding the dataset's files (data.root)."),
+    resolution: Optional[int] = typer.Option(None, help="Centre-crop and resize to this size (folders, hub)."),
+    split: str = typer.Option("train", help="Dataset split."),
+    batch: int = typer.Option(256, help="Images per batch (per process, as batch_per_gpu)."),
+    steps: int = typer.Option(50, help="Batches timed per setting."),
+    warmup: int = typer.Option(5, help="Batches before timing (workers start, caches fill)."),
+    workers: str = typer.Option("0", help="Comma list of DataLoader worker counts to try (image folders, hub)."),
+    prefetch: str = typer.Option("0,2", help="Comma list of prefetch depths (batches prepared ahead)."),
+    pin_memory: Optional[bool] = typer.Option(None, "--pin-memory/--no-pin-memory", help="Pinned host batches (default: on CUDA)."),
+    step_ms: float = typer.Option(0.0, help="Simulated training step in ms: also report how long each step waits for data."),
+    device: str = typer.Option("auto", help="cpu, cuda, or auto."),
+    out: Optional[Path] = typer.Option(None, help="Also write the numbers as JSON."),
+) -> None:
+    """Loader throughput (batches/s, images/s) per workers/prefetch/pin-memory setting, and the wait per step
+    against a given step time: does data loading stall the GPU? Runs on CPU too (host side only)."""
+    from fewstep.bench.data import bench_data as run_bench
+    from fewstep.config import DataConfig
+    from fewstep.data import load_dataset
+
+    try:
+        dataset = load_dataset(DataConfig(name=data, root=root, split=split, resolution=resolution))
+        result = run_bench(dataset, batch=batch, steps=steps, warmup=warmup,
+                           workers=[int(v) for v in workers.split(",")], prefetch=[int(v) for v in prefetch.split(",")],
+                           pin_memory=pin_memory, device=device, step_ms=step_ms,
+                           log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+
+
+@app.command()
+def sweep(
+    objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect)."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe every member starts from, e.g. fashion-mnist-sweep or toy2d."),
+    out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished members and resumes the others."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Sweep file (.toml or .json): settings and members with "
+                                        "their own overrides; options given here win over it (docs/sweeps.md)."),
+    kimg: Optional[float] = typer.Option(None, help="Training length per member in thousands of images (default: the recipe's)."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock training budget per member (train.max_minutes, "
+                                            "summed over resumes); with --kimg, whichever comes first."),
+    nfe: Optional[str] = typer.Option(None, help="Comma list of NFEs to evaluate (default 1,2,4)."),
+    metric: Optional[str] = typer.Option(None, help="An extractor for a Fréchet distance (`fewstep list extractors`), "
+                                         "sliced-wasserstein for point data, or auto (default: fmnist-classifier on "
+                                         "Fashion-MNIST, inception on other images, sliced-wasserstein on points)."),
+    num: Optional[int] = typer.Option(None, help="Samples per NFE for the metric, seeds 0 … NUM−1 (default 10000)."),
+    seed: Optional[int] = typer.Option(None, help="Training seed of every member (default 0)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone flavour for every member (default: the recipe's)."),
+    data: Optional[str] = typer.Option(None, help="Dataset for every member (default: the recipe's)."),
+    batch: Optional[int] = typer.Option(None, help="Global batch for every member (default: the recipe's)."),
+    ref: Optional[Path] = typer.Option(None, help="Reference statistics from `fewstep fid-ref` (default: made once in "
+                                       "the sweep directory from the training split)."),
+    ref_num: Optional[int] = typer.Option(None, help="Dataset items for the computed reference (default: the whole split)."),
+    grid: Optional[int] = typer.Option(None, help="Images per NFE in each samples-<member>.png (default 64)."),
+    set_: list[str] = typer.Option([], "--set", help="Override for every member: section.field=value (repeatable)."),
+    parallel: int = typer.Option(1, help="Members run side by side (per GPU with --gpus); on a GPU or with more "
+                                 "than one at a time, each member is a subprocess (log in MEMBER/worker.log)."),
+    gpus: Optional[str] = typer.Option(None, help="Comma list of CUDA device ids; members are dealt to them."),
+    eval_batch: Optional[int] = typer.Option(None, help="Images per sampler/extractor call (does not change the images)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check every member's config, print the spec and how "
+                                 "members differ from the first, and exit."),
+) -> None:
+    """Compare objectives: train each member with the same recipe, data, seed and budget, evaluate every NFE
+    with one metric, and write results.csv, results.md, metric_vs_nfe.png, loss_curves.png and
+    samples-<member>.png into the sweep directory."""
+    from fewstep.sweep import SweepError, member_config, run_sweep, spec_to_dict
+    from fewstep.sweep.spec import spec_from_options
+
+    try:
+        spec = spec_from_options(file, objectives, set_, recipe=recipe, kimg=kimg, minutes=minutes,
+                                 nfe=[int(v) for v in nfe.split(",")] if nfe else None, metric=metric, num=num,
+                                 seed=seed, backbone=backbone, data=data, batch=batch,
+                                 ref=str(ref) if ref else None, ref_num=ref_num, grid=grid)
+        if dry_run:
+            from fewstep.build import config_changes
+
+            configs = {m.name: to_dict(member_config(spec, m)) for m in spec.members}
+            console.print_json(json.dumps(spec_to_dict(spec)))
+            first = next(iter(configs))
+            for name, cfg in configs.items():
+                diff = config_changes(configs[first], cfg)
+                console.print(f"{name}: " + ("; ".join(diff) if diff and name != first else "(reference)"),
+                              highlight=False, soft_wrap=True)
+            return
+        result = run_sweep(spec, out, parallel=parallel, gpus=gpus.split(",") if gpus else None, eval_batch=eval_batch,
+                           log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (SweepError, *USER_ERRORS) as exc:
+        _fail(exc)
+    console.print((out / "results.md").read_text(), highlight=False, soft_wrap=True)
+    if result.stopped:
+        import signal
+
+        console.print(f"stopped by {result.stopped}; run the same command to resume")
+        raise typer.Exit(128 + int(getattr(signal, result.stopped, signal.SIGTERM)))
+    if result.failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

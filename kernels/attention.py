@@ -184,3 +184,52 @@ def explicit(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> 
         p = e / e.sum(dim=-1, keepdim=True)
         out = p @ v.to(compute)
     return out.to(q.dtype)
+
+
+def attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None,
+                  tv: Tensor | None, *, scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """Attention and its tangent for callers that carry tangents themselves (explicit JVPs).
+
+    Args:
+        q, k, v: (B, H, N, d), (B, H, M, d), (B, H, M, d).
+        tq, tk, tv: their tangents, same shapes (``None`` = zero; all ``None`` gives tO = ``None``).
+    Returns:
+        (O, tO), (B, H, N, d) in the dtype of ``q`` (the autocast dtype on the kernel path).
+
+    CUDA tensors (or any inside :func:`kernel_attention`) take the fused Triton kernel, registered as a
+    custom op so ``torch.compile`` traces through it; others the explicit fp32 formulas
+    S = scale·QKᵀ, P = softmax S, O = PV, tS = scale·(tQ Kᵀ + Q tKᵀ), tP = P ⊙ (tS − Σ_j P tS),
+    tO = tP V + P tV. Both are differentiable w.r.t. all six inputs.
+    """
+    global _last_path
+    if tq is None and tk is None and tv is None:
+        return attention(q, k, v, scale=scale), None
+    tq, tk, tv = (torch.zeros_like(p) if t is None else t for p, t in zip((q, k, v), (tq, tk, tv)))
+    fits = (q.dim() == 4 and q.shape[-1] == v.shape[-1] and q.shape[:2] == k.shape[:2] and q.shape[-1] <= 256
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available())
+    if (q.is_cuda or _force_kernel > 0) and fits and _force_explicit == 0:
+        from fewstep.kernels.jvp_ops import jvp_attention_op
+
+        _last_path = "triton"
+        return jvp_attention_op(q, k, v, tq, tk, tv, scale=scale)
+    _last_path = "explicit"
+    return explicit_jvp(q, k, v, tq, tk, tv, scale=scale)
+
+
+def explicit_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor, *,
+                 scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """(O, tO) by the formulas of :func:`attention_jvp`, in ≥ fp32 with autocast off (O(N·M) memory)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dtype, compute = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    device = q.device.type
+    off = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+           else contextlib.nullcontext())
+    with off:
+        q, k, v, tq, tk, tv = (x.to(compute) for x in (q, k, v, tq, tk, tv))
+        s = (q @ k.transpose(-1, -2)) * scale
+        e = torch.exp(s - s.amax(dim=-1, keepdim=True).detach())
+        p = e / e.sum(dim=-1, keepdim=True)
+        ts = (tq @ k.transpose(-1, -2) + q @ tk.transpose(-1, -2)) * scale
+        tp = p * (ts - (p * ts).sum(dim=-1, keepdim=True))
+        out, tout = p @ v, tp @ v + p @ tv
+    return out.to(dtype), tout.to(dtype)

@@ -1,7 +1,11 @@
 """The one place objectives run forward-mode AD through the backbone.
 
-``jvp(fn, primals, tangents)`` evaluates ``fn`` and its directional derivative with
-:func:`torch.func.jvp`. It is called inside the objective's ``forward`` (which DDP/FSDP wraps), so the
+``backbone_jvp(net, x, t, s, tangents, y=, **cond)`` differentiates a backbone call. A backbone that
+declares ``supports_tangents`` (the DiT) computes the JVP itself, written out layer by layer
+(:mod:`fewstep.backbones.dit_tangents`: fused attention kernel, one extra matmul per Linear, element-wise
+rules ``torch.compile`` can fuse); any other backbone goes through :func:`jvp`, which evaluates a
+closure and its directional derivative with :func:`torch.func.jvp`. :func:`functorch_jvp` forces the
+latter (tests compare the two; benchmarks time both). It is called inside the objective's ``forward`` (which DDP/FSDP wraps), so the
 gradients of a loss built from either output are synchronised like any other. Backbone attention
 switches itself to a forward-AD-safe path under JVP (:mod:`fewstep.kernels.attention`: the Triton JVP
 flash-attention kernel on CUDA, the explicit math path elsewhere).
@@ -11,12 +15,53 @@ Gradients flow through both the primal and the tangent output (TVM's ``detach_jv
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fewstep.kernels.attention import detached_tangents
+
+_force_functorch = 0
+
+
+@contextlib.contextmanager
+def functorch_jvp(enabled: bool = True) -> Iterator[None]:
+    """Within this block :func:`backbone_jvp` uses ``torch.func.jvp`` even for backbones with their own
+    tangent rules. Nests; not thread-local."""
+    global _force_functorch
+    _force_functorch += int(enabled)
+    try:
+        yield
+    finally:
+        _force_functorch -= int(enabled)
+
+
+def backbone_jvp(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None,
+                 tangents: tuple[Tensor | None, Tensor | None, Tensor | None], *, y: Tensor | None = None,
+                 detach_tangent: bool = False, **cond: Tensor) -> tuple[Tensor, Tensor]:
+    """(net(x, t, s, y, **cond), its JVP along tangents = (tx, tt, ts)).
+
+    Args:
+        net: a backbone; called through ``__call__`` so module hooks (FSDP, compile) apply.
+        x (B, C, H, W), t (B,), s (B,) or ``None``: the point; ``y`` and ``cond`` get no tangent.
+        tangents: (tx, tt, ts) shaped like (x, t, s); ``None`` entries are zero.
+        detach_tangent: return the tangent without a graph (stop-gradient targets).
+    Returns:
+        (output, tangent_output), both shaped like x.
+    """
+    if getattr(net, "supports_tangents", False) and _force_functorch == 0:
+        out, tout = net(x, t, s, y=y, tangents=tangents, **cond)
+        return out, (tout.detach() if detach_tangent else tout)
+    tx, tt, ts = tangents
+    tx = torch.zeros_like(x) if tx is None else tx
+    tt = torch.zeros_like(t) if tt is None else tt
+    if s is None:
+        return jvp(lambda x_, t_: net(x_, t_, None, y=y, **cond), (x, t), (tx, tt), detach_tangent=detach_tangent)
+    ts = torch.zeros_like(s) if ts is None else ts
+    return jvp(lambda x_, t_, s_: net(x_, t_, s_, y=y, **cond), (x, t, s), (tx, tt, ts),
+               detach_tangent=detach_tangent)
 
 
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], *,

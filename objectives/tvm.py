@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds, frozen_copy
 from fewstep.objectives.common import drop_labels, mean_flat, per_sample, rand, randn
-from fewstep.objectives.jvp import jvp
+from fewstep.objectives.jvp import backbone_jvp
 from fewstep.objectives.time_samplers import gap_star
 from fewstep.registry import objectives
 
@@ -219,11 +219,8 @@ class TVMObjective(Objective):
                  k: Tensor) -> tuple[Tensor, Tensor]:
         """(X_θ, V): the flow-map point and ∂X_θ/∂s = k·[F + (s − t)·∂_sF] from one JVP of the online
         backbone over (x_t, t, s) with tangents (0, 0, 1); y and β (B,) get no tangent; k (B,)."""
-        def F(x_: Tensor, t_: Tensor, s_: Tensor) -> Tensor:
-            return self.backbone(x_, t_, s_, y=y, guidance=beta)
-
-        tangents = (torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s))
-        F_ts, dF_ds = jvp(F, (x_t, t, s), tangents, detach_tangent=self.config.detach_jvp)
+        F_ts, dF_ds = backbone_jvp(self.backbone, x_t, t, s, (None, None, torch.ones_like(s)), y=y,
+                                   guidance=beta, detach_tangent=self.config.detach_jvp)
         F_ts, dF_ds = F_ts.to(x_t.dtype), dF_ds.to(x_t.dtype)
         gap_k = per_sample((s - t) * k, x_t)
         return x_t + gap_k * F_ts, per_sample(k, x_t) * F_ts + gap_k * dF_ds

@@ -93,14 +93,18 @@ def test_routing_takes_the_kernel_under_jvp(data):
         assert last_path() == "sdpa"          # no JVP: fused SDPA as before
 
 
-def test_tvm_loss_gradient_through_a_dit_is_the_same_on_both_paths(monkeypatch):
-    """The issue's end-to-end check: TVM's loss (JVP with gradient through the tangent) on a DiT."""
+@pytest.mark.parametrize("jvp_path", ["explicit", "functorch"])
+def test_tvm_loss_gradient_through_a_dit_is_the_same_on_both_paths(monkeypatch, jvp_path):
+    """The issue's end-to-end check: TVM's loss (JVP with gradient through the tangent) on a DiT, with
+    the DiT's own tangent rules (kernel as a custom op) and through torch.func.jvp (kernel's jvp rule)."""
     import fewstep.kernels.jvp_attention as kernel_module
+    import fewstep.kernels.jvp_ops as op_module
+    from fewstep.objectives.jvp import functorch_jvp
     from fewstep.testing import TINY_SPEC, tiny_dit, tiny_objective
 
     calls = []
-    monkeypatch.setattr(kernel_module, "flash_attention",
-                        lambda *a, _f=kernel_module.flash_attention, **kw: calls.append(1) or _f(*a, **kw))
+    module, name = (op_module, "jvp_attention_op") if jvp_path == "explicit" else (kernel_module, "flash_attention")
+    monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), **kw: calls.append(1) or _f(*a, **kw))
 
     torch.manual_seed(0)
     x = torch.randn(4, TINY_SPEC.channels, TINY_SPEC.resolution, TINY_SPEC.resolution)
@@ -108,7 +112,7 @@ def test_tvm_loss_gradient_through_a_dit_is_the_same_on_both_paths(monkeypatch):
     results = []
     for use_kernel in (False, True):
         obj = tiny_objective("tvm", backbone=tiny_dit(hidden_size=64, num_heads=2), seed=1)
-        with kernel_attention(use_kernel):
+        with kernel_attention(use_kernel), functorch_jvp(jvp_path == "functorch"):
             out = obj(x, y, torch.Generator().manual_seed(3), nimg=0)
             out.loss.backward()
         assert (len(calls) > 0) == use_kernel      # the JVP went through the kernel exactly when asked

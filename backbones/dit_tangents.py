@@ -1,0 +1,93 @@
+"""The DiT's explicit JVP: its blocks, final layer and whole forward with (primal, tangent) pairs.
+
+``DiT(x, t, s, y, tangents=(tx, tt, ts), **cond)`` returns ``(F, ∂F·(tx, tt, ts))`` through these
+functions, built from the layer rules of :mod:`fewstep.backbones.tangents` and the fused attention JVP
+(:func:`fewstep.kernels.attention.attention_jvp`). Blocks are entered through their ``__call__`` so
+module hooks (FSDP2 all-gathers) and per-block ``torch.compile`` apply to the JVP as to the forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.backbones.tangents import (Dual, gated_residual_jvp, gelu_tanh_jvp, linear_jvp, modulate_jvp,
+                                        modulation_jvp, norm_jvp)
+from fewstep.kernels.attention import attention_jvp
+
+
+def attention_module_jvp(attn: nn.Module, x: Tensor, tx: Tensor | None) -> Dual:
+    """qkv → QK-norm → attention → proj, with tangents: x, tx (B, N, D)."""
+    B, N, D = x.shape
+    heads = attn.num_heads
+
+    def split(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)       # 3 × (B, H, N, d)
+
+    qkv, tqkv = linear_jvp(attn.qkv, x, tx)
+    q, k, v = split(qkv)
+    tq, tk, tv = split(tqkv) if tqkv is not None else (None, None, None)
+    q, tq = norm_jvp(attn.q_norm, q, tq)
+    k, tk = norm_jvp(attn.k_norm, k, tk)
+    o, to = attention_jvp(q, k, v, tq, tk, tv)                                       # (B, H, N, d)
+    merge = lambda h: None if h is None else h.transpose(1, 2).reshape(B, N, D)     # noqa: E731
+    return linear_jvp(attn.proj, merge(o), merge(to))
+
+
+def mlp_jvp(mlp: nn.Module, x: Tensor, tx: Tensor | None) -> Dual:
+    """fc1 → GELU(tanh) → fc2 with tangents."""
+    h, th = linear_jvp(mlp.fc1, x, tx)
+    h, th = gelu_tanh_jvp(h, th)
+    return linear_jvp(mlp.fc2, h, th)
+
+
+def block_jvp(block: nn.Module, x: Tensor, c: Tensor, tx: Tensor | None, tc: Tensor | None) -> Dual:
+    """One adaLN-Zero block: x, tx (B, N, D); c, tc (B, D)."""
+    m, tm = modulation_jvp(block.adaLN_modulation, c, tc)                             # (B, 6, D)
+    parts, tparts = m.unbind(1), (tm.unbind(1) if tm is not None else (None,) * 6)
+    shift1, scale1, gate1, shift2, scale2, gate2 = parts
+    tshift1, tscale1, tgate1, tshift2, tscale2, tgate2 = tparts
+    h, th = norm_jvp(block.norm1, x, tx)
+    h, th = modulate_jvp(h, th, shift1, tshift1, scale1, tscale1)
+    a, ta = attention_module_jvp(block.attn, h, th)
+    x, tx = gated_residual_jvp(x, tx, gate1, tgate1, a, ta)
+    h, th = norm_jvp(block.norm2, x, tx)
+    h, th = modulate_jvp(h, th, shift2, tshift2, scale2, tscale2)
+    a, ta = mlp_jvp(block.mlp, h, th)
+    return gated_residual_jvp(x, tx, gate2, tgate2, a, ta)
+
+
+def final_layer_jvp(layer: nn.Module, x: Tensor, c: Tensor, tx: Tensor | None, tc: Tensor | None) -> Dual:
+    """Pre-norm, (shift, scale) modulation, Linear(D → p²·C) with tangents."""
+    m, tm = modulation_jvp(layer.adaLN_modulation, c, tc)
+    shift, scale = m.unbind(1)
+    tshift, tscale = tm.unbind(1) if tm is not None else (None, None)
+    h, th = norm_jvp(layer.norm, x, tx)
+    h, th = modulate_jvp(h, th, shift, tshift, scale, tscale)
+    return linear_jvp(layer.linear, h, th)
+
+
+def dit_jvp(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | None, cond: dict[str, Tensor],
+            tangents: tuple[Tensor | None, Tensor | None, Tensor | None]) -> Dual:
+    """``(F(x, t, s, y, cond), J·(tx, tt, ts))`` for a :class:`fewstep.backbones.dit.DiT` ``net``.
+
+    Args:
+        tangents: (tx (B, C, H, W), tt (B,), ts (B,)); ``None`` entries are zero. Labels and ``cond``
+            (guidance) carry no tangent.
+    Returns:
+        (out, tout), both (B, C, H, W); ``tout`` is zeros when every tangent is ``None``.
+    """
+    from fewstep.backbones.tangents import condition_vector_jvp
+
+    tx, tt, ts = tangents
+    h, th = linear_jvp(net.x_embedder, x, tx)
+    h = h.flatten(2).transpose(1, 2) + net.pos_embed                                   # (B, N, D)
+    th = None if th is None else th.flatten(2).transpose(1, 2)
+    c, tc = condition_vector_jvp(net, t, s, y, cond, tt, ts)
+    for block in net.blocks:
+        if th is None and tc is None:
+            h = net.run_block(block, h, c)
+        else:
+            h, th = net.run_block(block, h, c, th, tc)
+    out, tout = (net.final_layer(h, c), None) if th is None and tc is None else net.final_layer(h, c, th, tc)
+    out = net.unpatchify(out)
+    return out, (torch.zeros_like(out) if tout is None else net.unpatchify(tout))

@@ -1,0 +1,140 @@
+"""``fewstep bench step``: full training steps of an objective against flow matching, same process.
+
+A step is what the trainer does per batch: objective forward (with its JVPs and teacher passes) under
+bf16 autocast with fp32 master weights, backward, fused AdamW, EMA and teacher updates. Data are
+synthetic latents of the configured shape (ImageNet-256 SD-VAE latents, 4×32×32, 1000 classes, by
+default). Per objective: median seconds per step over timed steps after warm-up (CUDA events, one sync
+per step), images/s, peak memory of the step, CUDA kernels launched per step (one profiled step) and
+MFU = model FLOPs per step ÷ time ÷ the GPU's dense bf16 peak, with the FLOPs counted by the objective
+(:meth:`Objective.flops_per_sample`: a JVP, its backward and a teacher pass are not one forward each).
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from fewstep.backbones.inputs import trusted_labels
+from fewstep.build import build_objective
+from fewstep.config import RunConfig, default_objective_config
+from fewstep.contracts import DataSpec
+from fewstep.train.status import peak_flops
+
+
+@dataclass
+class StepResult:
+    """One objective's measurements (times in seconds, memory in GiB, FLOPs per step)."""
+
+    objective: str
+    batch: int
+    compiled: bool
+    checkpointing: bool
+    s_per_step: float
+    images_per_s: float
+    peak_gib: float
+    kernels_per_step: int | None
+    flops_per_step: float
+    mfu: float | None
+    times: list[float] = field(default_factory=list)
+    path: str = "explicit"
+
+
+def _kernel_count(step) -> int | None:
+    """CUDA kernels launched by one call of ``step`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+    except Exception:   # profiler unavailable (e.g. CUPTI missing): report nothing rather than fail
+        return None
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
+                    compile: bool, functorch: bool = False, checkpointing: bool = False,
+                    profile_kernels: bool = True) -> StepResult:
+    """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
+    (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules)."""
+    from fewstep.compiling import compile_objective
+    from fewstep.objectives.jvp import functorch_jvp
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    objective = build_objective(cfg, spec).to(device)
+    if checkpointing:
+        for module in objective.modules():
+            if hasattr(module, "set_activation_checkpointing"):
+                module.set_activation_checkpointing(True)
+    if compile:
+        compile_objective(objective)
+    objective.train()
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps,
+                                  weight_decay=cfg.train.weight_decay, fused=True)
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, spec.channels, spec.resolution, spec.resolution, device=device, generator=generator)
+    y = torch.randint(0, spec.num_classes, (batch,), device=device, generator=generator) if spec.num_classes else None
+    bf16 = cfg.train.precision == "bf16"
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16), trusted_labels(), functorch_jvp(functorch):
+            out = objective(x, y, generator)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        objective.after_step()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    kernels = _kernel_count(step) if profile_kernels else None
+    median = statistics.median(times)
+    flops = objective.flops_per_sample(objective.backbone.forward_flops(1)) * batch
+    peak_flops_s = peak_flops(device)
+    result = StepResult(objective=cfg.objective.name, batch=batch, compiled=compile, checkpointing=checkpointing,
+                        s_per_step=median,
+                        images_per_s=batch / median, peak_gib=peak, kernels_per_step=kernels,
+                        flops_per_step=flops, mfu=(flops / median / peak_flops_s) if peak_flops_s else None,
+                        times=times, path="functorch" if functorch else "explicit")
+    del objective, optimizer, params, x, y
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def with_objective(cfg: RunConfig, name: str) -> RunConfig:
+    """``cfg`` with objective ``name`` at its default settings (same backbone, data, precision)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, objective=default_objective_config(name))
+
+
+def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]:
+    """One line per objective; ratios against ``baseline`` (flow matching) when given."""
+    lines = []
+    for r in results:
+        ratio = f", {r.s_per_step / baseline.s_per_step:.2f}× {baseline.objective}" if baseline and r is not baseline else ""
+        mfu = f", MFU {100 * r.mfu:.1f}%" if r.mfu is not None else ""
+        kernels = f", {r.kernels_per_step} kernels" if r.kernels_per_step is not None else ""
+        jvp = f" ({r.path} JVP)" if r.flops_per_step and r.path == "functorch" else ""
+        lines.append(f"{r.objective:>10}{jvp} batch {r.batch}{' compiled' if r.compiled else ''}"
+                     f"{' checkpointed' if r.checkpointing else ''}: "
+                     f"{r.s_per_step:.4f} s/step, {r.images_per_s:.1f} img/s, peak {r.peak_gib:.1f} GiB"
+                     f"{mfu}{kernels}{ratio}")
+    return lines

@@ -1,0 +1,35 @@
+"""``torch.compile`` for objectives, region by region.
+
+Every backbone inside an objective (the online net, its teacher, EMA tracks) that lists
+``compile_regions()`` gets those modules compiled in place (``nn.Module.compile``); the DiT lists its
+blocks, so one graph per call mode (forward with grad, explicit JVP with tangents, no-grad teacher) is
+traced once and shared by all blocks. The fused JVP attention is a ``torch.library`` custom op
+(:mod:`fewstep.kernels.jvp_ops`), so the block graphs have no breaks; Inductor fuses the element-wise
+tangent rules of :mod:`fewstep.backbones.tangents` into a few kernels. Compile after the objective is
+built (its teacher copies exist) and moved to its device, before the first step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def compile_objective(objective: nn.Module, mode: str | None = None) -> int:
+    """Compile the regions of every backbone in ``objective`` in place; returns how many were compiled.
+
+    Args:
+        mode: ``torch.compile`` mode (``None`` = default; ``max-autotune-no-cudagraphs`` searches GEMM
+            configs). CUDA graphs (``reduce-overhead``) do not suit training steps whose graphs free
+            and reallocate activations between regions.
+    """
+    count = 0
+    for module in objective.modules():
+        regions = getattr(module, "compile_regions", None)
+        if callable(regions):
+            for region in regions():
+                region.compile(mode=mode, dynamic=False)
+                count += 1
+    config = torch._dynamo.config          # blocks of several backbones × call modes share one code object
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))
+    return count
