@@ -259,7 +259,7 @@ class DiT(nn.Module):
         if tangents is not None:
             self._check_tangents(x, t, s, tangents)
             return dit_jvp(self, x, t, s, y, cond, tangents)
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed     # (B, N, D)
+        h = self.tokens(self.x_embedder(x)) + self.pos_embed                     # (B, N, D)
         c = condition_vector(self, t, s, y, cond)
         for block in self.blocks:
             h = self.run_block(block, h, c)
@@ -275,6 +275,13 @@ class DiT(nn.Module):
         """Recompute each block's activations (and tangents) in backward instead of storing them:
         about one more forward per step for a fraction of the activation memory."""
         self.activation_checkpointing = bool(enabled)
+
+    @staticmethod
+    def tokens(patches: Tensor) -> Tensor:
+        """(B, D, g, g) patch embeddings → (B, N, D) tokens, contiguous. (The transposed view would
+        make every residual-stream tensor (B, N, D)-shaped but (B, D, N)-strided; compiled blocks
+        then got wrong input gradients on torch 2.13's Inductor, and strided kernels are slower.)"""
+        return patches.flatten(2).transpose(1, 2).contiguous()
 
     def unpatchify(self, h: Tensor) -> Tensor:
         """(B, N, p²·C) tokens → (B, C, H, W) image."""

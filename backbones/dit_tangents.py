@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.backbones.tangents import (Dual, gated_residual_jvp, gelu_tanh_jvp, linear_jvp, modulate_jvp,
-                                        modulation_jvp, norm_jvp)
+                                        modulation_jvp, norm_jvp, recomputed)
 from fewstep.kernels.attention import attention_jvp
 
 
@@ -26,8 +26,8 @@ def attention_module_jvp(attn: nn.Module, x: Tensor, tx: Tensor | None) -> Dual:
     qkv, tqkv = linear_jvp(attn.qkv, x, tx)
     q, k, v = split(qkv)
     tq, tk, tv = split(tqkv) if tqkv is not None else (None, None, None)
-    q, tq = norm_jvp(attn.q_norm, q, tq)
-    k, tk = norm_jvp(attn.k_norm, k, tk)
+    q, tq = recomputed(norm_jvp, attn.q_norm, q, tq)
+    k, tk = recomputed(norm_jvp, attn.k_norm, k, tk)
     o, to = attention_jvp(q, k, v, tq, tk, tv)                                       # (B, H, N, d)
     merge = lambda h: None if h is None else h.transpose(1, 2).reshape(B, N, D)     # noqa: E731
     return linear_jvp(attn.proj, merge(o), merge(to))
@@ -36,8 +36,14 @@ def attention_module_jvp(attn: nn.Module, x: Tensor, tx: Tensor | None) -> Dual:
 def mlp_jvp(mlp: nn.Module, x: Tensor, tx: Tensor | None) -> Dual:
     """fc1 → GELU(tanh) → fc2 with tangents."""
     h, th = linear_jvp(mlp.fc1, x, tx)
-    h, th = gelu_tanh_jvp(h, th)
+    h, th = recomputed(gelu_tanh_jvp, h, th)
     return linear_jvp(mlp.fc2, h, th)
+
+
+def _norm_modulate(norm: nn.Module, x: Tensor, tx: Tensor | None, shift: Tensor, tshift: Tensor | None,
+                   scale: Tensor, tscale: Tensor | None) -> Dual:
+    h, th = norm_jvp(norm, x, tx)
+    return modulate_jvp(h, th, shift, tshift, scale, tscale)
 
 
 def block_jvp(block: nn.Module, x: Tensor, c: Tensor, tx: Tensor | None, tc: Tensor | None) -> Dual:
@@ -46,12 +52,10 @@ def block_jvp(block: nn.Module, x: Tensor, c: Tensor, tx: Tensor | None, tc: Ten
     parts, tparts = m.unbind(1), (tm.unbind(1) if tm is not None else (None,) * 6)
     shift1, scale1, gate1, shift2, scale2, gate2 = parts
     tshift1, tscale1, tgate1, tshift2, tscale2, tgate2 = tparts
-    h, th = norm_jvp(block.norm1, x, tx)
-    h, th = modulate_jvp(h, th, shift1, tshift1, scale1, tscale1)
+    h, th = recomputed(_norm_modulate, block.norm1, x, tx, shift1, tshift1, scale1, tscale1)
     a, ta = attention_module_jvp(block.attn, h, th)
     x, tx = gated_residual_jvp(x, tx, gate1, tgate1, a, ta)
-    h, th = norm_jvp(block.norm2, x, tx)
-    h, th = modulate_jvp(h, th, shift2, tshift2, scale2, tscale2)
+    h, th = recomputed(_norm_modulate, block.norm2, x, tx, shift2, tshift2, scale2, tscale2)
     a, ta = mlp_jvp(block.mlp, h, th)
     return gated_residual_jvp(x, tx, gate2, tgate2, a, ta)
 
@@ -61,8 +65,7 @@ def final_layer_jvp(layer: nn.Module, x: Tensor, c: Tensor, tx: Tensor | None, t
     m, tm = modulation_jvp(layer.adaLN_modulation, c, tc)
     shift, scale = m.unbind(1)
     tshift, tscale = tm.unbind(1) if tm is not None else (None, None)
-    h, th = norm_jvp(layer.norm, x, tx)
-    h, th = modulate_jvp(h, th, shift, tshift, scale, tscale)
+    h, th = recomputed(_norm_modulate, layer.norm, x, tx, shift, tshift, scale, tscale)
     return linear_jvp(layer.linear, h, th)
 
 
@@ -80,8 +83,8 @@ def dit_jvp(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | 
 
     tx, tt, ts = tangents
     h, th = linear_jvp(net.x_embedder, x, tx)
-    h = h.flatten(2).transpose(1, 2) + net.pos_embed                                   # (B, N, D)
-    th = None if th is None else th.flatten(2).transpose(1, 2)
+    h = net.tokens(h) + net.pos_embed                                                  # (B, N, D)
+    th = None if th is None else net.tokens(th)
     c, tc = condition_vector_jvp(net, t, s, y, cond, tt, ts)
     for block in net.blocks:
         if th is None and tc is None:

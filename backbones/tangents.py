@@ -16,8 +16,10 @@ tokens (B, N, D), conditioning (B, D).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,6 +27,15 @@ from fewstep.backbones.layers import EPS, FREQUENCY_DIM, RMSNorm, TimestepEmbedd
 
 Dual = tuple[Tensor, Tensor | None]
 _GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def recomputed(fn: Callable[..., Dual], *args) -> Dual:
+    """``fn(*args)`` for an element-wise tangent rule, its intermediates recomputed in backward instead
+    of stored (eager autograd would keep every fp32 temporary of a norm's or GELU's tangent formula).
+    Under ``torch.compile`` (Inductor decides what to keep) or without grad it is a plain call."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return fn(*args)
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 
 def add(*terms: Tensor | None) -> Tensor | None:
