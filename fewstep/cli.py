@@ -229,7 +229,8 @@ def bench_step(
     results = []
     for cfg in configs:
         results.append(bench_objective(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
-                                       functorch=jvp == "functorch", checkpointing=checkpointing))
+                                       functorch=jvp == "functorch", checkpointing=checkpointing,
+                                       log=lambda m: console.print(m, highlight=False)))
         console.print(summary(results[-1:], None)[0], highlight=False)
     base = results[1] if len(results) > 1 else None
     for line in summary(results, base):

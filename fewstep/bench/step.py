@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +57,7 @@ def _kernel_count(step) -> int | None:
 
 def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
                     compile: bool, functorch: bool = False, checkpointing: bool = False,
-                    profile_kernels: bool = True) -> StepResult:
+                    profile_kernels: bool = True, log=print) -> StepResult:
     """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
     (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules)."""
     from fewstep.compiling import compile_objective
@@ -64,7 +65,10 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    objective = build_objective(cfg, spec).to(device)
+    started = time.perf_counter()
+    with device:             # initialise on the GPU (spectral init's SVDs are slow on a CPU)
+        objective = build_objective(cfg, spec)
+    log(f"{cfg.objective.name}: built in {time.perf_counter() - started:.1f} s")
     if checkpointing:
         for module in objective.modules():
             if hasattr(module, "set_activation_checkpointing"):
@@ -90,9 +94,11 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
         optimizer.zero_grad(set_to_none=True)
         objective.after_step()
 
-    for _ in range(warmup):
+    for i in range(warmup):
+        started = time.perf_counter()
         step()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        log(f"{cfg.objective.name}: warm-up step {i + 1}/{warmup} {time.perf_counter() - started:.2f} s")
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
