@@ -117,7 +117,7 @@ def sample(
     import torch
 
     from fewstep.build import load_objective
-    from fewstep.images import make_grid, to_uint8, write_png
+    from fewstep.images import make_grid, write_png
     from fewstep.sample import parse_seeds, sample as run_sampler
 
     try:
@@ -135,7 +135,10 @@ def sample(
 
             scatter_png(out, [r.images.flatten(1)[:, :2] for r in results])
         else:
-            write_png(out, make_grid([to_uint8(r.images) for r in results]))
+            from fewstep.sample import output_decoder
+
+            decode = output_decoder(cfg.data, ckpt.manifest["data_spec"], device=dev)   # VAE decode for latents
+            write_png(out, make_grid([decode(r.images) for r in results]))
         if save_tensor:
             from safetensors.torch import save_file
 

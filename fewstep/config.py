@@ -84,6 +84,14 @@ class TrainConfig:
         seed: global seed; per-device streams derive from it.
         max_bad_steps: a step whose loss or gradient norm is non-finite is skipped (no update, no EMA
             step) and logged; after this many consecutive skipped steps training stops with an error.
+        max_minutes: wall-clock training budget in minutes, summed over resumes (``None``: no budget;
+            each invocation's clock starts after its first step, so compiling and warm-up are free).
+            Training stops after the first step that ends past it, with a final checkpoint; the run
+            then counts as finished, like one that reached ``total_kimg``.
+        compile: ``torch.compile`` the backbones' blocks (:mod:`fewstep.compiling`; CUDA). Same
+            results up to float rounding; the first steps take longer while graphs compile.
+        activation_checkpointing: recompute each block's activations (and tangents) in backward:
+            less memory for about one more forward per step.
     """
 
     total_kimg: float = 10.0
@@ -103,6 +111,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     max_bad_steps: int = 8
+    max_minutes: float | None = None
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"train.max_minutes must be > 0 (or none), got {self.max_minutes}")
 
 
 @dataclass(kw_only=True)

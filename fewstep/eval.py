@@ -96,11 +96,13 @@ def _dist() -> tuple[int, int]:
 def sample_statistics(objective: Objective, seeds: Sequence[int], nfe: int, extractor: FeatureExtractor, *,
                       batch: int = 64, weights: str = "ema", guidance: float | None = None,
                       class_label: int | None = None, autocast: bool = False,
-                      on_batch: Callable[[int], None] | None = None) -> tuple[FeatureStats, int]:
+                      on_batch: Callable[[int], None] | None = None,
+                      decode: Callable[[torch.Tensor], torch.Tensor] = to_uint8) -> tuple[FeatureStats, int]:
     """Feature statistics of the images of ``seeds`` at ``nfe`` jumps, summed over all processes.
 
     Each process samples ``seeds[rank::world]`` in chunks of ``batch``; every process must call this
-    (the sums are all-reduced). ``on_batch(k)`` is told the number of images just added locally.
+    (the sums are all-reduced). ``on_batch(k)`` is told the number of images just added locally;
+    ``decode`` turns samples into uint8 images (a VAE decoder for latent runs).
     Returns the statistics and the backbone evaluations per image.
     """
     rank, world = _dist()
@@ -111,7 +113,7 @@ def sample_statistics(objective: Objective, seeds: Sequence[int], nfe: int, extr
         chunk = mine[start:start + batch]
         result = sample(objective, chunk, nfe, weights=weights, guidance=guidance, class_label=class_label,
                         batch_size=len(chunk), autocast=autocast)
-        stats.update(extractor(to_uint8(result.images)))
+        stats.update(extractor(decode(result.images)))
         evaluations = result.evaluations
         if on_batch:
             on_batch(len(chunk))
@@ -222,10 +224,16 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     ex = make_extractor(extractor, device=acc.device, **(extractor_options or {}))   # missing weights: fail first
     objective, cfg, ckpt = load_objective(run, device=acc.device)
     spec = ckpt.manifest["data_spec"]
-    if spec.get("kind", "pixels") != "pixels":
-        raise ValueError(f"FID needs pixel images; this run generates {spec['kind']} "
-                         "(points: see metrics.json of the toy evaluation; latents need a VAE decoder)")
-    expected = {**ex.metadata(), "resolution": spec["resolution"], "channels": spec["channels"]}
+    kind = spec.get("kind", "pixels")
+    if kind == "points":
+        raise ValueError("FID needs images; this run generates points (see metrics.json of the toy evaluation)")
+    from fewstep.sample import output_decoder
+
+    decode = output_decoder(cfg.data, spec, device=acc.device)     # latents: VAE-decoded as tvm.md §4
+    if kind == "latents":
+        expected = {**ex.metadata(), "resolution": decode.fmt.resolution, "channels": 3}
+    else:
+        expected = {**ex.metadata(), "resolution": spec["resolution"], "channels": spec["channels"]}
     reference = load_stats(ref)
     check_reference(reference, expected, trust=trust_ref)
     if reference.metadata and reference.metadata.get("dataset") != cfg.data.name:
@@ -241,7 +249,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
             task = bar.add_task(f"FID {nfe}-NFE", total=num)
             stats, evaluations = sample_statistics(
                 objective, seeds, nfe, ex, batch=batch, weights=weights, guidance=guidance, class_label=class_label,
-                autocast=autocast, on_batch=lambda k: bar.advance(task, k * acc.num_processes))
+                autocast=autocast, on_batch=lambda k: bar.advance(task, k * acc.num_processes), decode=decode)
         fid = frechet_distance(stats.mean(), stats.cov(), reference.mu, reference.sigma)
         seconds = time.perf_counter() - t0
         k = str(nfe)

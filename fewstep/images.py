@@ -6,14 +6,25 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """(N, C, H, W) floats in [−1, 1] → uint8 in [0, 255] (rounded, clamped)."""
-    return ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+def to_uint8(images: Tensor, rounding: Literal["round", "truncate"] = "round") -> Tensor:
+    """(N, C, H, W) floats in [−1, 1] → uint8 in [0, 255].
+
+    ``round``: ``round((x + 1) · 127.5)``, clamped (pixel datasets stored as ``u8 / 127.5 − 1`` round-trip
+    exactly). ``truncate``: ``(x · 0.5 + 0.5)`` clamped to [0, 1], ×255, cast by truncation — what the
+    official TVM/EDM2 code does to VAE decoder outputs (``tvm.md`` §4).
+    """
+    images = images.detach().float().cpu()
+    if rounding == "truncate":
+        return (images * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)
+    if rounding != "round":
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def make_grid(blocks: list[Tensor], ncol: int | None = None, pad: int = 2) -> Tensor:

@@ -2,16 +2,21 @@
 
 Image *i* depends only on its seed (noise and label are drawn from a generator seeded with it), so it is
 the same whatever the batch size or the number of devices (edm2's per-seed generators).
+
+Samples are in data units: pixels in ≈ [−1, 1], or normalised VAE latents for latent datasets.
+:func:`output_decoder` turns either into uint8 images (for latents: the VAE decoder, ``tvm.md`` §4);
+pass it as ``sample(..., decode=...)`` to decode chunk by chunk on the sampling device.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from fewstep.contracts import Condition, Objective
+from fewstep.contracts import Condition, DataSpec, Objective
 
 
 @dataclass
@@ -24,6 +29,7 @@ class SampleResult:
         seeds: the N sample seeds.
         nfe: number of jumps (schedule length − 1).
         evaluations: backbone evaluations per sample (2·nfe with CFG at sampling).
+        pixels: (N, 3|1, H', W') uint8 images when ``sample`` was given ``decode``, else ``None``.
     """
 
     images: Tensor
@@ -31,6 +37,31 @@ class SampleResult:
     seeds: list[int]
     nfe: int
     evaluations: int
+    pixels: Tensor | None = None
+
+
+def output_decoder(data: Any, spec: DataSpec | dict, *, device: torch.device | str | None = None,
+                   vae: Any = None) -> Callable[[Tensor], Tensor]:
+    """What turns samples of a run's data into (N, C, H, W) uint8 images.
+
+    Pixels: :func:`fewstep.images.to_uint8` (rounded). Latents (``spec.kind == "latents"``): a
+    :class:`fewstep.data.vae.LatentDecoder` for the data config's latent format — denormalise with the
+    recorded per-channel constants, VAE-decode (fp16 on CUDA), truncate to uint8 (``tvm.md`` §4); the
+    VAE (``vae``, else ``$FEWSTEP_VAE``, else the format's) is loaded on first use.
+
+    Args:
+        data: the run's :class:`~fewstep.config.DataConfig` (``cfg.data``).
+        spec: its :class:`DataSpec` (or the ``data_spec`` dict of a checkpoint manifest).
+    """
+    kind = spec.get("kind") if isinstance(spec, dict) else spec.kind
+    if kind != "latents":
+        from fewstep.images import to_uint8
+
+        return to_uint8
+    from fewstep.data.latents import latent_format_for
+    from fewstep.data.vae import LatentDecoder
+
+    return LatentDecoder(latent_format_for(data), vae=vae, device=device)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -80,7 +111,7 @@ def renoise_generators(seeds: list[int], shape: tuple[int, int, int], num_classe
 def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "online",
            class_label: int | None = None, guidance: float | None = None, batch_size: int = 64,
            schedule: list[float] | None = None, device: torch.device | str | None = None,
-           autocast: bool = False) -> SampleResult:
+           autocast: bool = False, decode: Callable[[Tensor], Tensor] | None = None) -> SampleResult:
     """Generate one image per seed with ``nfe`` jumps of the objective's sampler.
 
     Args:
@@ -93,6 +124,7 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
         batch_size: images per forward; does not change the results beyond float rounding.
         device: where to run (default: the objective's device).
         autocast: run the backbone under bf16 autocast (CUDA only).
+        decode: samples → uint8 images (:func:`output_decoder`), applied per chunk; fills ``pixels``.
     """
     net = objective.sampling_net(weights)
     device = torch.device(device) if device is not None else next(objective.parameters()).device
@@ -103,7 +135,7 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
     if len(schedule) != nfe + 1 or any(b > a for a, b in zip(schedule, schedule[1:])):
         raise ValueError(f"schedule must be {nfe + 1} non-increasing times, got {schedule}")
     shape = (net.in_channels, net.input_size, net.input_size)
-    images, labels, evals = [], [], 0
+    images, labels, pixels, evals = [], [], [], 0
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
         x, y = seed_noise_and_labels(chunk, shape, k, class_label)
@@ -122,7 +154,10 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
                 x = objective.step(x, t, s, cond, net=net, noise=noise).float()
                 evals += objective.evaluations_per_step(cond)
         images.append(x.cpu())
+        if decode is not None:
+            pixels.append(decode(x).cpu())
         if y is not None:
             labels.append(y.cpu())
     return SampleResult(images=torch.cat(images), labels=torch.cat(labels) if labels else None,
-                        seeds=list(seeds), nfe=nfe, evaluations=evals)
+                        seeds=list(seeds), nfe=nfe, evaluations=evals,
+                        pixels=torch.cat(pixels) if pixels else None)

@@ -4,17 +4,31 @@ All four: DiT-XL/2 with 18 heads and TVM's architecture (RMSNorm pre-norms, QK R
 RMS-norm, spectral init), gap* time sampler, EMA teacher 0.99, eval EMA 0.9999, label dropout 0.1,
 AdamW lr 1e-4, betas (0.9, 0.95), no weight decay, constant LR, batch 2048, 300K steps (614,400 kimg),
 bf16 autocast with fp32 master weights, TF32 off. Gradient clipping (1.0) only at 512 px.
-They train on SD-VAE latents (4×32×32 at 256 px, 4×64×64 at 512 px).
+They train on SD-VAE latents (4×32×32 at 256 px, 4×64×64 at 512 px) from the ``imagenet-latents-256`` /
+``imagenet-latents-512`` datasets (:mod:`fewstep.data.latents`): a directory written once by
+``fewstep prepare --data imagefolder:IMAGENET/train --resolution R --out DIR``, found through ``data.root``
+or ``$FEWSTEP_DATA``. Every step draws a fresh latent from the stored posterior and normalises it with the
+``tvm.md`` §3 constants (:data:`~fewstep.data.latents.IMAGENET_256`, ``IMAGENET_512``; final std 1);
+samples decode with ``stabilityai/sd-vae-ft-ema`` to uint8 by truncation (§4).
 """
 from __future__ import annotations
 
 from fewstep.backbones.dit import DiTConfig, tvm_variant
 from fewstep.config import DataConfig, RunConfig, SampleConfig, TrainConfig
+from fewstep.data.latents import IMAGENET_FORMATS
 from fewstep.recipes.common import objective_config
 from fewstep.registry import recipes
 
 PAPER_STEPS = 300_000
 PAPER_BATCH = 2048
+
+
+def imagenet_data(resolution: int) -> DataConfig:
+    """The prepared ImageNet latents at ``resolution`` (256 or 512) px; the posterior gather runs in the
+    training process with a prefetch thread (no workers needed: the data is memory-mapped Arrow)."""
+    if resolution not in IMAGENET_FORMATS:
+        raise ValueError(f"ImageNet recipes exist at {sorted(IMAGENET_FORMATS)} px, not {resolution}")
+    return DataConfig(name=f"imagenet-latents-{resolution}", num_workers=0)
 
 
 def imagenet_tvm(resolution: int, guidance: float, scaled: bool, time_init: str) -> RunConfig:
@@ -33,7 +47,7 @@ def imagenet_tvm(resolution: int, guidance: float, scaled: bool, time_init: str)
         recipe=tag,
         objective=objective_config("tvm", guidance=guidance, scaled=scaled),
         backbone=backbone,
-        data=DataConfig(name=f"imagenet-latents-{resolution}"),
+        data=imagenet_data(resolution),
         train=TrainConfig(total_kimg=PAPER_STEPS * PAPER_BATCH / 1000, batch=PAPER_BATCH, lr=1e-4,
                           betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                           grad_clip=1.0 if resolution == 512 else None, ema_betas={"ema": 0.9999},

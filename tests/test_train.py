@@ -83,3 +83,20 @@ def test_batch_that_does_not_divide_is_refused(fashion_dir):
     with pytest.raises(ConfigError, match=r"train.batch=10 must be divisible by devices \(1\) × train.batch_per_gpu \(4\)"):
         plan_batches(cfg, 1)
     assert plan_batches(tiny(fashion_dir, **{"train.batch": 16, "train.batch_per_gpu": 4}), 2).accumulation == 2
+
+
+def test_compile_and_activation_checkpointing_train_the_same_run(fashion_dir, tmp_path, monkeypatch):
+    """train.compile and train.activation_checkpointing change speed and memory, not the experiment:
+    the same losses (to float rounding) as a plain run, and a plain run resumes under them."""
+    import fewstep.compiling as compiling
+
+    compiled = []
+    monkeypatch.setattr(compiling, "compile_objective", lambda obj, mode=None: compiled.append(obj) or 0)
+    plain = train(tiny(fashion_dir, **{"train.total_kimg": 0.032}), tmp_path / "a", show_progress=False)
+    fast = train(tiny(fashion_dir, **{"train.total_kimg": 0.032, "train.compile": True,
+                                      "train.activation_checkpointing": True}), tmp_path / "b", show_progress=False)
+    assert len(compiled) == 1
+    assert fast.loss == pytest.approx(plain.loss, rel=1e-5)
+    resumed = train(tiny(fashion_dir, **{"train.total_kimg": 0.064, "train.activation_checkpointing": True}),
+                    tmp_path / "a", show_progress=False)
+    assert resumed.kimg == pytest.approx(0.064)

@@ -23,14 +23,15 @@ import torch
 from accelerate import Accelerator
 
 from fewstep import __version__
+from fewstep.backbones.inputs import trusted_labels
 from fewstep.build import build_objective, load_state, resolve, write_run_config
 from fewstep.checkpoints import CheckpointWriteError, load_optimizer_state, save_checkpoint
 from fewstep.config import RunConfig, to_dict
 from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
-from fewstep.images import make_grid, to_uint8, write_png
-from fewstep.sample import sample
+from fewstep.images import make_grid, write_png
+from fewstep.sample import output_decoder, sample
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
 from fewstep.train.status import StatusLog, peak_flops
@@ -45,6 +46,7 @@ class TrainResult:
     Attributes:
         stopped: ``"SIGTERM"``/``"SIGINT"`` when a signal stopped the run early, else ``None``.
         skipped_steps: steps skipped for a non-finite loss or gradient, over the whole run.
+        budget_reached: ``train.max_minutes`` of training (summed over resumes) ended the run.
     """
 
     run_dir: Path
@@ -54,6 +56,7 @@ class TrainResult:
     checkpoint: Path | None
     stopped: str | None = None
     skipped_steps: int = 0
+    budget_reached: bool = False
 
 
 def _next(nimg: int, interval: float) -> float:
@@ -88,6 +91,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
 
     dataset = load_dataset(cfg.data)   # checked: not empty, labels in range, items shaped as the spec
     spec: DataSpec = dataset.spec
+    to_pixels = output_decoder(cfg.data, spec, device=device)   # to_uint8 for pixels; VAE decode (lazy) for latents
     notes: list[str] = []
     ckpt = find_resume(run_dir, cfg, spec, accelerator, notes)
     if main:
@@ -96,12 +100,16 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
 
     torch.manual_seed(t.seed * 1000 + rank)
     objective = build_objective(cfg, spec).to(device)
+    for module in objective.modules():
+        if t.activation_checkpointing and hasattr(module, "set_activation_checkpointing"):
+            module.set_activation_checkpointing(True)
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+                                  fused=cuda or None)
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
     guard = BadSteps(limit=t.max_bad_steps)
 
-    step, nimg, position = 0, 0, 0
+    step, nimg, position, prior_seconds = 0, 0, 0, 0.0
     if ckpt is not None:
         load_state(objective, ckpt)
         opt_state = load_optimizer_state(ckpt)
@@ -110,6 +118,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         step, nimg, position = ckpt.step, int(ckpt.manifest["nimg"]), int(ckpt.manifest["data_position"])
         guard.skipped = int(ckpt.manifest.get("skipped_steps", 0))
         guard.streak = int(ckpt.manifest.get("bad_streak", 0))
+        prior_seconds = float(ckpt.manifest.get("train_seconds", 0.0))
         rng_file = ckpt.path / f"rng-rank{rank}.safetensors"
         if rng_file.exists():
             rng = ckpt.tensors(rng_file.name)
@@ -118,6 +127,10 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             if cuda and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"], device)
 
+    if t.compile:
+        from fewstep.compiling import compile_objective
+
+        compile_objective(objective)
     model, optimizer = accelerator.prepare(objective, optimizer)
     stream = BatchStream(dataset, layout.batch_per_gpu, seed=t.seed, rank=rank, world_size=layout.world,
                          num_workers=cfg.data.num_workers, device=device, start_position=position)
@@ -151,6 +164,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                     optimizer_state=optimizer.state_dict(), rng_states=rngs, keep=t.keep_checkpoints,
                     manifest={"nimg": nimg, "kimg": nimg / 1000, "data_position": stream.position,
                               "skipped_steps": guard.skipped, "bad_streak": guard.streak,
+                              "train_seconds": train_seconds(),
                               "config": to_dict(cfg), "data_spec": dataclasses.asdict(spec),
                               "fewstep_version": __version__, "torch_version": torch.__version__})
             except OSError as exc:
@@ -174,7 +188,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             return
         obj = accelerator.unwrap_model(model)
         seeds = list(range(cfg.sample.num_images))
-        blocks = [to_uint8(sample(obj, seeds, nfe, weights=cfg.sample.weights, guidance=cfg.sample.guidance,
+        blocks = [to_pixels(sample(obj, seeds, nfe, weights=cfg.sample.weights, guidance=cfg.sample.guidance,
                                   autocast=cuda and t.precision == "bf16").images) for nfe in cfg.sample.nfe]
         try:
             write_png(run_dir / "samples" / f"{tag}.png", make_grid(blocks))
@@ -208,10 +222,17 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     sums: dict[str, torch.Tensor] = {}
     ticks, tick_start, tick_nimg = 0, time.time(), nimg
     last_loss, stopped = None, None
+    budget = t.max_minutes * 60 if t.max_minutes is not None else math.inf   # seconds, over all resumes
+    over = prior_seconds >= budget                                          # the same on every rank
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
+    loop_start = None   # the budget clock starts after this invocation's first step (compiles, warm-up)
+
+    def train_seconds() -> float:
+        return prior_seconds + (time.time() - loop_start if loop_start is not None else 0.0)
+
     try:
-        while nimg < total_nimg:
+        while nimg < total_nimg and not over:
             model.train()
             step_logs: dict[str, torch.Tensor] = {}
             for micro in range(layout.accumulation):
@@ -219,7 +240,8 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                 y = y if spec.num_classes else None
                 sync = micro == layout.accumulation - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    out = model(x, y, generator, nimg)
+                    with trusted_labels():   # checked when the dataset was loaded: no host sync per call
+                        out = model(x, y, generator, nimg)
                     accelerator.backward(out.loss / layout.accumulation)
                 guard.observe(out)
                 for k, v in {"loss": out.loss, **out.logs}.items():
@@ -244,7 +266,11 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                     sums[k] = sums.get(k, 0) + v
                 ticks += 1
             step, nimg = step + 1, nimg + t.batch
-            done = nimg >= total_nimg
+            loop_start = loop_start or time.time()
+            over = train_seconds() >= budget
+            if reduce_sum is not None and budget < math.inf:   # stop on every rank together
+                over = bool(reduce_sum(torch.tensor(float(over), device=device)) > 0)
+            done = nimg >= total_nimg or over
             if nimg >= next_at["status"] or done:
                 elapsed = time.time() - tick_start
                 record = {"step": step, "kimg": nimg / 1000,
@@ -277,7 +303,11 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                          accelerator.gather_for_metrics([preempt.received], use_gather_object=True))
                 stopped = next(name for name in names if name)
                 break
+        over = over and nimg < total_nimg   # the budget, not the length, ended the run
         last_ckpt = save(final=True)
+        if over:
+            status.event({"event": "budget_reached", "max_minutes": t.max_minutes, "step": step, "kimg": nimg / 1000},
+                         f"time budget of {t.max_minutes:g} min reached after step {step} ({nimg / 1000:.3f} kimg)")
         if stopped:
             status.event({"event": "stopped", "signal": stopped, "step": step, "kimg": nimg / 1000},
                          f"received {stopped}: stopped after step {step} ({nimg / 1000:.3f} kimg) with "
@@ -296,4 +326,4 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         status.close()
     accelerator.end_training()
     return TrainResult(run_dir=run_dir, step=step, kimg=nimg / 1000, loss=last_loss, checkpoint=last_ckpt,
-                       stopped=stopped, skipped_steps=guard.skipped)
+                       stopped=stopped, skipped_steps=guard.skipped, budget_reached=over)
