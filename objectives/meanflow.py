@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import drop_labels, logit_normal, per_sample, randn
-from fewstep.objectives.jvp import jvp
+from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
 
 
@@ -198,10 +198,8 @@ class MeanFlow(Objective):
         y_net, dropped = drop_labels(y, cfg.label_dropout, self.num_classes, generator)
         v_tilde = self.guided_velocity(v, z_t, t, y, dropped).to(z_t.dtype).detach()
 
-        def u_fn(z: Tensor, t_: Tensor, r_: Tensor) -> Tensor:
-            return self.backbone(z, t_, r_, y=y_net)
-
-        u, dudt = jvp(u_fn, (z_t, t, r), (v_tilde, torch.ones_like(t), torch.zeros_like(r)), detach_tangent=True)
+        u, dudt = backbone_jvp(self.backbone, z_t, t, r, (v_tilde, torch.ones_like(t), None), y=y_net,
+                               detach_tangent=True)
         acc = torch.promote_types(u.dtype, torch.float32)
         u_tgt = (v_tilde.to(acc) - per_sample(t - r, u).to(acc) * dudt.to(acc)).detach()
         return MeanFlowTerms(t=t, r=r, z_t=z_t, v=v, v_tilde=v_tilde, y=y_net, dropped=dropped.to(x.device),

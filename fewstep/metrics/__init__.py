@@ -12,3 +12,4 @@ from fewstep.metrics.sliced_wasserstein import random_directions, sliced_wassers
 __all__ = ["CleanResize", "FeatureExtractor", "FeatureStats", "InceptionExtractor", "InceptionWeightsError",
            "RandomProjection", "frechet_distance", "locate_inception", "make_extractor", "pil_bicubic_weights",
            "random_directions", "sliced_wasserstein", "trace_sqrt_product"]
+from fewstep.metrics import classifier  # noqa: F401,E402  (registers fmnist-classifier)

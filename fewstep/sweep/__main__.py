@@ -1,0 +1,7 @@
+"""``python -m fewstep.sweep SWEEP_DIR MEMBER [--eval-batch N]``: run one member of a prepared sweep
+(:func:`fewstep.sweep.worker.main`; the sweep starts its subprocesses this way)."""
+import sys
+
+from fewstep.sweep.worker import main
+
+sys.exit(main())

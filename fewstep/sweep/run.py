@@ -1,0 +1,230 @@
+"""Running a sweep: check the spec against the sweep directory, make the reference statistics once, bring
+every unfinished member to finished (one after another, or side by side as subprocesses), then write
+the report.
+
+Members run in this process only when they run one at a time on a CPU. Anywhere else each member is a
+subprocess (``python -m fewstep.sweep``, output in ``MEMBER/worker.log``): a process keeps one
+Accelerate state, and on a GPU it fixes the mixed precision of the first run for all later ones. With
+``parallel`` K, K members share the visible device(s); with ``gpus``, members are dealt to those GPUs
+(``CUDA_VISIBLE_DEVICES``), ``parallel`` per GPU. SIGTERM/SIGINT stop the sweep: running members get
+one SIGTERM, save a checkpoint and exit; rerunning the same command resumes them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from fewstep.sweep.report import write_report
+from fewstep.sweep.spec import POINTS_METRIC, SweepError, SweepSpec, check_saved, member_config, resolve_metric
+from fewstep.sweep.worker import member_state, reference_path, run_member
+
+
+@dataclass
+class SweepResult:
+    """What one invocation did.
+
+    Attributes:
+        sweep_dir: the sweep directory.
+        skipped: members already finished before this invocation (no training, no evaluation).
+        ran: members brought to finished now.
+        failed: member → error message (its ``worker.log`` or the exception).
+        stopped: the signal that stopped the sweep, or ``None``.
+        files: the report files written.
+    """
+
+    sweep_dir: Path
+    skipped: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    stopped: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def prepare(spec: SweepSpec, sweep_dir: Path) -> SweepSpec:
+    """Check every member's config (before any compute), resolve ``metric``, and save or compare ``sweep.json``."""
+    from fewstep.data import load_dataset
+
+    configs = [member_config(spec, m) for m in spec.members]
+    data = {(c.data.name, c.data.root, c.data.resolution) for c in configs}
+    if len(data) > 1:
+        raise SweepError(f"members train on different data {sorted(map(str, data))}; a sweep compares on one dataset")
+    kind = load_dataset(configs[0].data).spec.kind
+    spec = dataclasses.replace(spec, metric=resolve_metric(spec, configs[0], kind))
+    check_saved(sweep_dir, spec)
+    return spec
+
+
+def ensure_reference(spec: SweepSpec, sweep_dir: Path, log: Callable[[str], None]) -> None:
+    """Make ``reference-<metric>.npz`` from the training split once (image metrics without ``spec.ref``)."""
+    path = reference_path(sweep_dir, spec)
+    if spec.metric == POINTS_METRIC or path.is_file():
+        return
+    if spec.ref:
+        raise FileNotFoundError(f"reference statistics {path} not found")
+    from fewstep.eval import make_reference
+
+    data = member_config(spec, spec.members[0]).data
+    log(f"reference statistics: {spec.metric} features of {data.name} ({data.split}) → {path.name}")
+    make_reference(data, path, extractor=spec.metric, num=spec.ref_num, show_progress=False)
+
+
+def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus: Sequence[str] | None = None,
+              eval_batch: int | None = None, log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or resume) a sweep in ``sweep_dir`` and write its report.
+
+    Args:
+        spec: the sweep; ``metric="auto"`` is resolved and the result saved as ``sweep.json``.
+        parallel: members at a time (per GPU when ``gpus`` is given).
+        gpus: CUDA device ids to deal members to, one member per GPU at a time (× ``parallel``).
+        eval_batch: images per sampler/extractor call (does not change the images).
+        log: where progress lines go.
+    """
+    sweep_dir = Path(sweep_dir)
+    if parallel < 1:
+        raise SweepError(f"--parallel must be ≥ 1, got {parallel}")
+    spec = prepare(spec, sweep_dir)
+    result = SweepResult(sweep_dir)
+    todo = []
+    for member in spec.members:
+        state = member_state(sweep_dir, spec, member, member_config(spec, member))
+        (result.skipped if state.finished else todo).append(member.name)
+    if result.skipped:
+        log(f"finished already, skipped: {', '.join(result.skipped)}")
+    if todo:
+        ensure_reference(spec, sweep_dir, log)
+        slots = [g for g in (gpus or [None]) for _ in range(parallel)]
+        if len(slots) == 1 and slots[0] is None and not torch.cuda.is_available():
+            _run_here(spec, sweep_dir, todo, result, eval_batch, log)
+        else:
+            _run_subprocesses(spec, sweep_dir, todo, slots, result, eval_batch, log)
+    result.files = write_report(sweep_dir, spec, failed=result.failed)
+    return result
+
+
+@contextlib.contextmanager
+def _signals(on_signal: Callable[[str], None]):
+    """SIGTERM/SIGINT call ``on_signal(name)`` while active (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda n, f: on_signal(signal.Signals(n).name))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run_here(spec: SweepSpec, sweep_dir: Path, todo: list[str], result: SweepResult, eval_batch: int | None,
+              log: Callable[[str], None]) -> None:
+    """Members one after another in this process (training installs its own stop handlers)."""
+    stop: list[str] = []
+    with _signals(stop.append):
+        for name in todo:
+            if stop:
+                break
+            log(f"{name}: starting")
+            t0 = time.time()
+            try:
+                outcome = run_member(sweep_dir, spec, name, eval_batch=eval_batch, log=log)
+            except Exception as exc:   # one member's failure (e.g. divergence) is a result, not the end
+                (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+                (sweep_dir / name / "worker.log").write_text(traceback.format_exc())
+                result.failed[name] = f"{type(exc).__name__}: {exc}"
+                log(f"{name}: failed: {result.failed[name]}")
+                continue
+            if outcome != "finished":
+                stop.append(outcome)
+                break
+            result.ran.append(name)
+            log(f"{name}: finished in {time.time() - t0:.0f} s")
+    result.stopped = stop[0] if stop else None
+
+
+def _launch(sweep_dir: Path, name: str, gpu: str | None, threads: int, eval_batch: int | None) -> subprocess.Popen:
+    """Start ``python -m fewstep.sweep SWEEP_DIR NAME`` in its own session (signals reach it only from the
+    sweep), output appended to ``NAME/worker.log``."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))   # K processes × all cores of OpenMP threads would thrash
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    (sweep_dir / name).mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "fewstep.sweep", str(sweep_dir), name]
+    cmd += ["--eval-batch", str(eval_batch)] if eval_batch else []
+    with open(sweep_dir / name / "worker.log", "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _progress_line(sweep_dir: Path, names: list[str]) -> str:
+    """``name kimg`` of each running member, from the last status record of its log."""
+    from fewstep.sweep.report import read_log
+
+    parts = []
+    for name in names:
+        records = [r for r in read_log(sweep_dir / name / "log.jsonl") if "kimg" in r and "event" not in r]
+        parts.append(f"{name} {records[-1]['kimg']:.1f} kimg" if records else f"{name} starting")
+    return "progress: " + ", ".join(parts)
+
+
+def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[str], slots: list[str | None],
+                      result: SweepResult, eval_batch: int | None, log: Callable[[str], None],
+                      progress_every: float = 60.0) -> None:
+    """Members as subprocesses, ``len(slots)`` at a time; each slot pins its GPU, if any. The first
+    SIGTERM/SIGINT is passed on once to every running member (they checkpoint and exit); a second one
+    kills them."""
+    queue, running = list(todo), {}   # running: slot index → (name, Popen, start time)
+    stop: list[str] = []
+    signalled = 0
+    stop_codes = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    next_progress = time.time() + progress_every
+    with _signals(stop.append):
+        try:
+            while queue or running:
+                if len(stop) > signalled:   # 1st signal: SIGTERM once to each member; 2nd: SIGKILL
+                    for _, proc, _ in running.values():
+                        proc.send_signal(signal.SIGTERM if signalled == 0 else signal.SIGKILL)
+                    signalled = len(stop)
+                for slot in range(len(slots)):
+                    if slot in running or not queue or stop:
+                        continue
+                    name = queue.pop(0)
+                    proc = _launch(sweep_dir, name, slots[slot], threads, eval_batch)
+                    running[slot] = (name, proc, time.time())
+                    where = f" on GPU {slots[slot]}" if slots[slot] is not None else ""
+                    log(f"{name}: started{where} (pid {proc.pid}, log {sweep_dir / name / 'worker.log'})")
+                for slot, (name, proc, t0) in list(running.items()):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    del running[slot]
+                    if code == 0:
+                        result.ran.append(name)
+                        log(f"{name}: finished in {time.time() - t0:.0f} s")
+                    elif code in stop_codes and (stop or code > 0):
+                        log(f"{name}: stopped with a checkpoint; rerun to resume")
+                    else:
+                        result.failed[name] = f"exit code {code}; see {sweep_dir / name / 'worker.log'}"
+                        log(f"{name}: failed ({result.failed[name]})")
+                if running and time.time() >= next_progress:
+                    log(_progress_line(sweep_dir, [name for name, _, _ in running.values()]))
+                    next_progress = time.time() + progress_every
+                time.sleep(0.2)
+        finally:   # the sweep itself failed: leave no member running
+            for _, proc, _ in running.values():
+                if proc.poll() is None:
+                    proc.kill()
+    result.stopped = stop[0] if stop else None

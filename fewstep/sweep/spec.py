@@ -1,0 +1,265 @@
+"""What a sweep is: :class:`SweepSpec` (shared settings) and its :class:`Member` runs, read from the CLI or
+a TOML/JSON sweep file, and each member's full run config.
+
+Every member trains the recipe with the same backbone, data, seed, length (``kimg``) or wall-clock
+budget (``minutes``) and evaluation; only the objective and the member's own overrides differ. The
+resolved spec is saved as ``sweep.json`` in the sweep directory; rerunning with another spec there is
+an error that names each difference (execution options such as ``--parallel`` are not part of it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewstep.config import ConfigError, RunConfig, coerce
+
+SPEC_FILE = "sweep.json"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+POINTS_METRIC = "sliced-wasserstein"
+
+
+class SweepError(ValueError):
+    """A sweep spec that is malformed, inconsistent, or differs from the one saved in the sweep directory."""
+
+
+@dataclass(kw_only=True)
+class Member:
+    """One run of a sweep.
+
+    Attributes:
+        objective: registered objective name (``fm``, ``tvm`` …).
+        name: directory and row name (letters, digits, ``.``, ``_``, ``-``); default: the objective.
+        overrides: ``section.field=value`` overrides applied after the sweep's shared ones.
+    """
+
+    objective: str
+    name: str = ""
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.objective
+        if not NAME.fullmatch(self.name):
+            raise SweepError(f"member name {self.name!r} must be letters, digits, '.', '_' or '-' "
+                             "(it names a directory)")
+
+
+@dataclass(kw_only=True)
+class SweepSpec:
+    """Settings shared by every member.
+
+    Attributes:
+        recipe: registered recipe (``fewstep list recipes``), called with each member's objective.
+        members: the runs; names must be unique.
+        kimg: training length per member in thousands of images (``None``: the recipe's).
+        minutes: wall-clock training budget per member (``train.max_minutes``); with ``kimg`` too, training
+            stops at whichever comes first.
+        nfe: sampler jumps evaluated, one metric value (and grid block) each.
+        metric: a feature extractor (``fewstep list extractors``) for a Fréchet distance to the data,
+            ``sliced-wasserstein`` for point data, or ``auto`` (``fmnist-classifier`` on Fashion-MNIST,
+            ``inception`` on other images, ``sliced-wasserstein`` on points); resolved before saving.
+        num: samples per NFE for the metric (seeds 0 … num − 1).
+        seed: training seed of every member (``train.seed``).
+        overrides: ``section.field=value`` overrides for every member.
+        backbone, data, batch: as ``fewstep train --backbone/--data/--batch`` (``None``: the recipe's).
+        ref: reference statistics (``.npz`` from ``fewstep fid-ref``); default: computed once into the
+            sweep directory from the training split.
+        ref_num: dataset items used for computed reference statistics (``None``: the whole split).
+        grid: images per NFE block in each member's sample grid (seeds 0 … grid − 1).
+    """
+
+    recipe: str
+    members: tuple[Member, ...]
+    kimg: float | None = None
+    minutes: float | None = None
+    nfe: tuple[int, ...] = (1, 2, 4)
+    metric: str = "auto"
+    num: int = 10000
+    seed: int = 0
+    overrides: tuple[str, ...] = ()
+    backbone: str | None = None
+    data: str | None = None
+    batch: int | None = None
+    ref: str | None = None
+    ref_num: int | None = None
+    grid: int = 64
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        checks = [(bool(self.members), "a sweep needs at least one member"),
+                  (not dupes, f"member names must be unique; {', '.join(dupes)} appear twice (give them names)"),
+                  (self.nfe and all(n >= 1 for n in self.nfe), f"nfe must be ≥ 1 each, got {self.nfe}"),
+                  (self.kimg is None or self.kimg > 0, f"kimg must be > 0, got {self.kimg}"),
+                  (self.minutes is None or self.minutes > 0, f"minutes must be > 0, got {self.minutes}"),
+                  (self.num >= 2, f"num must be ≥ 2 (a covariance needs two samples), got {self.num}"),
+                  (self.grid >= 1, f"grid must be ≥ 1, got {self.grid}")]
+        for ok, message in checks:
+            if not ok:
+                raise SweepError(message)
+
+    def member(self, name: str) -> Member:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise SweepError(f"no member {name!r} in this sweep (members: {', '.join(m.name for m in self.members)})")
+
+
+def parse_objectives(text: str) -> tuple[Member, ...]:
+    """``"fm,meanflow,tvm"`` → one member per objective, named after it."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise SweepError(f"--objectives needs a comma list of objective names, got {text!r}")
+    return tuple(Member(objective=n) for n in names)
+
+
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def spec_from_dict(data: dict[str, Any], where: str = "sweep spec") -> SweepSpec:
+    """Build a :class:`SweepSpec` from a dict (a sweep file or ``sweep.json``); unknown keys and values of
+    the wrong type are errors naming the key."""
+    from fewstep.config import _unknown
+
+    data = dict(data)
+    known = [f.name for f in dataclasses.fields(SweepSpec)]
+    for key in data:
+        if key not in known:
+            raise SweepError(_unknown(key, known, where))
+    if "recipe" not in data or "members" not in data:
+        raise SweepError(f"{where} needs 'recipe' and 'members'")
+    members = []
+    for i, m in enumerate(data.pop("members")):
+        if isinstance(m, str):
+            m = {"objective": m}
+        if not isinstance(m, dict) or "objective" not in m:
+            raise SweepError(f"{where}: member {i} must be an objective name or a table with 'objective'")
+        for key in m:
+            if key not in ("objective", "name", "overrides"):
+                raise SweepError(_unknown(key, ["objective", "name", "overrides"], f"{where} member {i}"))
+        members.append(Member(objective=str(m["objective"]), name=str(m.get("name", "")),
+                              overrides=_strings(m.get("overrides", ()), f"{where} member {i} overrides")))
+    typed = {}
+    annotations = typing.get_type_hints(SweepSpec)
+    for key, value in data.items():
+        if key == "overrides":
+            typed[key] = _strings(value, f"{where} overrides")
+        else:
+            try:
+                typed[key] = coerce(value, annotations[key], key)
+            except ConfigError as exc:
+                raise SweepError(f"{where}: {exc}") from exc
+    return SweepSpec(members=tuple(members), **typed)
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise SweepError(f"{where} must be a list of 'section.field=value' strings, got {value!r}")
+    return tuple(value)
+
+
+def load_sweep_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict in a ``.toml`` or ``.json`` sweep file (checked by :func:`spec_from_dict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no sweep file {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    if path.suffix != ".toml":
+        raise SweepError(f"sweep file {path} must end in .toml or .json")
+    try:
+        import tomllib
+    except ModuleNotFoundError:   # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as exc:
+            raise SweepError("TOML sweep files need Python ≥ 3.11 or the tomli package; use JSON") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SweepError(f"{path}: {exc}") from exc
+
+
+def spec_from_options(file: str | os.PathLike | None, objectives: str | None, sets: list[str],
+                      **options: Any) -> SweepSpec:
+    """The spec of ``fewstep sweep``: the sweep file's settings (if any), then the command-line ``options``
+    that are not ``None`` (they win), members from ``objectives`` when given, ``sets`` appended to the
+    shared overrides."""
+    data = load_sweep_file(file) if file is not None else {}
+    data.update({k: v for k, v in options.items() if v is not None})
+    if objectives is not None:
+        data["members"] = [dataclasses.asdict(m) for m in parse_objectives(objectives)]
+    if sets:
+        data["overrides"] = list(data.get("overrides", [])) + list(sets)
+    if "members" not in data:
+        raise SweepError("name the members with --objectives fm,tvm,… or a sweep file (--file)")
+    if "recipe" not in data:
+        raise SweepError("name the recipe with --recipe (e.g. fashion-mnist-sweep) or in the sweep file")
+    return spec_from_dict(data, str(file) if file is not None else "sweep options")
+
+
+def member_config(spec: SweepSpec, member: Member) -> RunConfig:
+    """The resolved run config of one member: the recipe for its objective, the sweep's backbone, data,
+    batch, length, budget and seed, then the shared and the member's overrides (in that order)."""
+    from fewstep.build import resolve
+    from fewstep.cli import build_config
+    from fewstep.train import check_config
+
+    base = [f"train.seed={spec.seed}"] + ([f"train.max_minutes={spec.minutes}"] if spec.minutes else [])
+    try:
+        cfg = build_config(spec.recipe, member.objective, spec.backbone, spec.data, spec.kimg, spec.batch,
+                           base + list(spec.overrides) + list(member.overrides))
+        cfg = resolve(cfg)
+        check_config(cfg)
+    except (ConfigError, ValueError) as exc:
+        raise SweepError(f"member {member.name!r}: {exc}") from exc
+    return cfg
+
+
+def resolve_metric(spec: SweepSpec, cfg: RunConfig, data_kind: str) -> str:
+    """The metric ``auto`` stands for, given a member's config and its data kind (``pixels``/``points``)."""
+    from fewstep.registry import extractors
+
+    metric = spec.metric
+    if metric == "auto":
+        metric = (POINTS_METRIC if data_kind == "points" else
+                  "fmnist-classifier" if cfg.data.name == "fashion-mnist" else "inception")
+    if data_kind == "points" and metric != POINTS_METRIC:
+        raise SweepError(f"metric {metric!r} needs images, but {cfg.data.name!r} holds points; use {POINTS_METRIC}")
+    if data_kind != "points":
+        if metric == POINTS_METRIC:
+            raise SweepError(f"{POINTS_METRIC} scores point data; {cfg.data.name!r} holds images (use an extractor)")
+        import fewstep.metrics.classifier  # noqa: F401  (registers fmnist-classifier)
+
+        extractors.get(metric)   # unknown names fail here, with suggestions
+    return metric
+
+
+def check_saved(sweep_dir: Path, spec: SweepSpec) -> None:
+    """Write ``sweep.json``, or refuse when the one already there differs (naming every difference)."""
+    path = sweep_dir / SPEC_FILE
+    new = spec_to_dict(spec)
+    if path.exists():
+        old = json.loads(path.read_text())
+        diffs = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                 if old.get(k) != new.get(k)]
+        if diffs:
+            raise SweepError(f"{sweep_dir} holds a sweep with another spec ({'; '.join(diffs)}); use another "
+                             f"--out directory, or the same settings to resume it")
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tmp = sweep_dir / f".{SPEC_FILE}.tmp"
+    tmp.write_text(json.dumps(new, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+__all__ = ["Member", "SweepError", "SweepSpec", "check_saved", "load_sweep_file", "member_config",
+           "parse_objectives", "resolve_metric", "spec_from_dict", "spec_from_options", "spec_to_dict"]
