@@ -83,6 +83,8 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
         if p.shape != t.shape or p.dtype != t.dtype:
             raise ValueError(f"tangent {i} must match its primal: {tuple(t.shape)} {t.dtype} vs "
                              f"{tuple(p.shape)} {p.dtype}")
-    with detached_tangents(detach_tangent):   # the Triton attention then builds no tangent graph
+    # Compiled regions run eagerly under torch.func.jvp: Dynamo cannot trace a functorch transform entered
+    # outside the compiled region (on CUDA it tried and failed to build the forward-AD attention kernel).
+    with detached_tangents(detach_tangent), torch.compiler.set_stance("force_eager"):
         out, tangent = torch.func.jvp(fn, primals, tangents)
     return out, (tangent.detach() if detach_tangent else tangent)
