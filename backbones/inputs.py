@@ -32,11 +32,17 @@ def condition_vector(net: nn.Module, t: Tensor, s: Tensor | None, y: Tensor | No
     c = net.t_embedder(t)
     if net.gap_embedder is not None and s is not None:
         c = c + net.gap_embedder(t - s)
+    return add_static_conditions(net, c, t.shape[0], y, cond)
+
+
+def add_static_conditions(net: nn.Module, c: Tensor, batch: int, y: Tensor | None,
+                          cond: dict[str, Tensor]) -> Tensor:
+    """c + emb_guidance(β) + E[y]: the conditions that never carry a JVP tangent. c (B, D)."""
     if net.guidance_embedder is not None:
         c = c + net.guidance_embedder(cond["guidance"])
     if net.y_embedder is not None:
         if y is None:
-            y = torch.full((t.shape[0],), net.num_classes, dtype=torch.long, device=t.device)
+            y = torch.full((batch,), net.num_classes, dtype=torch.long, device=c.device)
         c = c + net.y_embedder(y)
     return c
 

@@ -191,10 +191,6 @@ def condition_vector_jvp(net: nn.Module, t: Tensor, s: Tensor | None, y: Tensor 
         tgap = add(tt, None if ts is None else -ts)
         g, tg = timestep_embedder_jvp(net.gap_embedder, t - s, tgap)
         c, tc = c + g, add(tc, tg)
-    if net.guidance_embedder is not None:
-        c = c + net.guidance_embedder(cond["guidance"])
-    if net.y_embedder is not None:
-        if y is None:
-            y = torch.full((t.shape[0],), net.num_classes, dtype=torch.long, device=t.device)
-        c = c + net.y_embedder(y)
-    return c, tc
+    from fewstep.backbones.inputs import add_static_conditions
+
+    return add_static_conditions(net, c, t.shape[0], y, cond), tc

@@ -37,6 +37,13 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def _write_json(path: Optional[Path], body: dict) -> None:
+    """Write ``body`` as indented JSON to ``path`` (parents created); nothing when ``path`` is None."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(body, indent=1))
+
+
 def build_config(recipe: str, objective: Optional[str], backbone: Optional[str], data: Optional[str],
                  kimg: Optional[float], batch: Optional[int], overrides: list[str]) -> RunConfig:
     """Recipe → config with the CLI's choices and ``--set`` overrides applied (no compute)."""
@@ -418,9 +425,7 @@ def bench_fid(
                            ref_num=ref_num, device=device, cleanfid=cleanfid, log=console.print)
     except USER_ERRORS as exc:
         _fail(exc)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+    _write_json(out, result)
 
 
 @app.command()
@@ -483,9 +488,7 @@ def bench_data(
                            log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     except USER_ERRORS as exc:
         _fail(exc)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+    _write_json(out, result)
 
 
 @app.command()

@@ -3,7 +3,7 @@
 Two entry points, both O(N·d) memory, both correct in every mode:
 
 * :func:`jvp_attention` — the explicit 6-in/2-out op ``(q, k, v, tq, tk, tv) → (O, tO)`` for callers
-  that carry tangents themselves. Forward is one fused pass (3F); the backward receives ∂L/∂O and
+  that carry tangents themselves (the ``torch.library`` custom op of :mod:`fewstep.kernels.jvp_ops`). Forward is one fused pass (3F); the backward receives ∂L/∂O and
   ∂L/∂tO together and runs one fused backward specialised for which of them exist (10.5F with both).
 * :func:`flash_attention` — ``(q, k, v) → O`` with a forward-AD rule, for ``torch.func.jvp`` and
   ``torch.autograd.forward_ad`` dual tensors. The forward is plain flash attention (F) and always gives
@@ -56,31 +56,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _prepare(*xs: Tensor | None, dtype: torch.dtype) -> list[Tensor | None]:
     return [None if x is None else unit_stride(x.to(dtype)) for x in xs]
-
-
-class _JVPAttention(torch.autograd.Function):
-    """(q, k, v, tq, tk, tv) → (O, tO, LSE, μ); LSE and μ are non-differentiable by-products."""
-
-    @staticmethod
-    def forward(q, k, v, tq, tk, tv, scale, causal):
-        return attention_forward(q, k, v, tq, tk, tv, scale=scale, causal=causal)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, tq, tk, tv, scale, causal = inputs
-        o, to, lse, mu = output
-        ctx.save_for_backward(q, k, v, tq, tk, tv, o, to, lse, mu)
-        ctx.scale, ctx.causal = scale, causal
-        ctx.mark_non_differentiable(lse, mu)
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, go, gt, _glse, _gmu):
-        if go is None and gt is None:
-            return (None,) * 8
-        q, k, v, tq, tk, tv, o, to, lse, mu = ctx.saved_tensors
-        grads = attention_backward(q, k, v, tq, tk, tv, o, to, lse, mu, go, gt, scale=ctx.scale, causal=ctx.causal)
-        return (*grads, None, None)
 
 
 class _TangentAttention(torch.autograd.Function):
@@ -159,13 +134,11 @@ def _dtype(q: Tensor) -> torch.dtype:
 
 def jvp_attention(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor, *,
                   scale: float | None = None, causal: bool = False) -> tuple[Tensor, Tensor]:
-    """Attention and its JVP along (tq, tk, tv), differentiable w.r.t. all six inputs: (O, tO)."""
-    _check(q, k, v)
-    dtype = _dtype(q)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    args = _prepare(q, k, v, tq, tk, tv, dtype=dtype)
-    o, to, _, _ = _JVPAttention.apply(*args, scale, bool(causal))
-    return o, to
+    """Attention and its JVP along (tq, tk, tv), differentiable w.r.t. all six inputs: (O, tO).
+    The custom op of :mod:`fewstep.kernels.jvp_ops` (so it also compiles)."""
+    from fewstep.kernels.jvp_ops import jvp_attention_op
+
+    return jvp_attention_op(q, k, v, tq, tk, tv, scale=scale, causal=causal)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, causal: bool = False,
