@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import mean_flat, per_sample, randn
-from fewstep.objectives.jvp import jvp
+from fewstep.objectives.jvp import backbone_jvp
 from fewstep.objectives.trigflow import state_scale, t_from_tau, tau_from_sigma, tau_from_t
 from fewstep.registry import objectives
 
@@ -146,6 +146,29 @@ class SCM(Objective):
         b = torch.cos(tau) / SIGMA_P - torch.sin(tau) / sd
         return out * per_sample(k / SIGMA_P, out) + x_t * per_sample(b, x_t)
 
+    def F_jvp(self, x_tau: Tensor, tau: Tensor, y: Tensor | None, tx: Tensor, ttau: Tensor, *,
+              detach_tangent: bool = False) -> tuple[Tensor, Tensor]:
+        """(F_θ(x_τ, τ), its JVP along (tx, tτ)), shapes as :meth:`F`. The cheap maps into and out of
+        the backbone (x_t = k(τ)·x_τ, t(τ), the velocity read-out) go through ``torch.func.jvp``; the
+        backbone through :func:`backbone_jvp` (the DiT's own tangent rules and fused kernel)."""
+        sd = self.config.sigma_data
+
+        def into(x_: Tensor, tau_: Tensor) -> tuple[Tensor, Tensor]:
+            return x_ * per_sample(state_scale(tau_, sd, SIGMA_P), x_), t_from_tau(tau_, sd, SIGMA_P)
+
+        (x_t, t), (tx_t, tt) = torch.func.jvp(into, (x_tau, tau), (tx, ttau))
+        out, tout = backbone_jvp(self.backbone, x_t, t, None, (tx_t, tt, None), y=y, detach_tangent=detach_tangent)
+        out, tout = out.to(x_tau.dtype), tout.to(x_tau.dtype)
+        if self.config.parameterization == "trigflow":
+            return out, tout
+
+        def read_out(v: Tensor, x_: Tensor, tau_: Tensor) -> Tensor:
+            k, b = state_scale(tau_, sd, SIGMA_P), torch.cos(tau_) / SIGMA_P - torch.sin(tau_) / sd
+            return v * per_sample(k / SIGMA_P, v) + x_ * per_sample(b, x_)
+
+        F, tF = torch.func.jvp(read_out, (out, x_t, tau), (tout, tx_t, ttau))
+        return F, (tF.detach() if detach_tangent else tF)
+
     def consistency_fn(self, x_tau: Tensor, tau: Tensor, y: Tensor | None, net: nn.Module | None = None) -> Tensor:
         """f_θ(x_τ, τ) = cos τ·x_τ − sin τ·σ_d·F_θ: the predicted data end, shaped like x_τ."""
         F = self.F(x_tau, tau, y, net)
@@ -165,8 +188,7 @@ class SCM(Objective):
         """
         sd, cos, sin = self.config.sigma_data, torch.cos(tau), torch.sin(tau)
         cs = cos * sin
-        F, cs_dF = jvp(lambda xx, tt: self.F(xx, tt, y), (x_tau, tau),
-                       (per_sample(cs, dx_dtau) * dx_dtau, cs), detach_tangent=True)
+        F, cs_dF = self.F_jvp(x_tau, tau, y, per_sample(cs, dx_dtau) * dx_dtau, cs, detach_tangent=True)
         F_minus = F.detach()
         g = -per_sample(cos ** 2, F) * (sd * F_minus - dx_dtau) - r * (per_sample(cs, x_tau) * x_tau + sd * cs_dF)
         return F, cs_dF, g

@@ -124,8 +124,10 @@ def tiny_dit(classes: int = 3, scale: float = 0.0) -> torch.nn.Module:
     return net
 
 
-def test_jvp_matches_central_finite_differences_in_float64():
-    obj = SCM(tiny_dit(scale=0.3), SCMConfig(sigma_data=SD), num_classes=3).double()
+@pytest.mark.parametrize("parameterization", ["trigflow", "velocity"])
+def test_jvp_matches_central_finite_differences_in_float64(parameterization):
+    """The JVP (into-map and read-out by torch.func.jvp, the DiT by its own tangent rules)."""
+    obj = SCM(tiny_dit(scale=0.3), SCMConfig(sigma_data=SD, parameterization=parameterization), num_classes=3).double()
     gen = torch.Generator().manual_seed(1)
     x0, z = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64), SD * torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
     tau, y = torch.tensor([0.2, 0.9, 1.5], dtype=torch.float64), torch.tensor([0, 2, 3])
