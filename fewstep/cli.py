@@ -92,11 +92,22 @@ def train(
             return
         from fewstep.train import train as run_training
 
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        if world > 1 and out is None:
+            raise ValueError(f"--out is required with {world} processes: each rank would number its own "
+                             "runs/NNNNN directory")
         run_dir = out or _new_run_dir(Path("runs"), cfg)
-        console.print(f"run directory: [bold]{run_dir}[/]")
+        if rank == 0:
+            console.print(f"run directory: [bold]{run_dir}[/]")
         result = run_training(cfg, run_dir, show_progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
+    if rank != 0:   # the main process reports
+        if result.stopped:
+            import signal
+
+            raise typer.Exit(128 + int(getattr(signal, result.stopped, signal.SIGTERM)))
+        return
     if result.stopped:
         import signal
 

@@ -92,6 +92,9 @@ class TrainConfig:
             results up to float rounding; the first steps take longer while graphs compile.
         activation_checkpointing: recompute each block's activations (and tangents) in backward:
             less memory for about one more forward per step.
+        distributed: with several processes, ``ddp`` (every rank holds the model; Accelerate's DDP
+            wraps the objective) or ``fsdp2`` (parameters, EMA tracks and teacher sharded over ranks
+            with ``fully_shard``); see :mod:`fewstep.train.distributed` and docs/distributed.md.
     """
 
     total_kimg: float = 10.0
@@ -114,6 +117,7 @@ class TrainConfig:
     max_minutes: float | None = None
     compile: bool = False
     activation_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:

@@ -33,6 +33,7 @@ from fewstep.data.loader import BatchStream
 from fewstep.images import make_grid, write_png
 from fewstep.sample import output_decoder, sample
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
+from fewstep.train.distributed import Parallel
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
 from fewstep.train.status import StatusLog, peak_flops
 
@@ -73,15 +74,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
     accelerator = Accelerator(cpu=not cuda,
                               mixed_precision="bf16" if (cuda and cfg.train.precision == "bf16") else "no")
     layout = plan_batches(cfg, accelerator.num_processes)
+    parallel = Parallel(cfg.train.distributed, accelerator)   # DDP or FSDP2 (refuses Accelerate's FSDP plugin)
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(RunLock(run_dir))
         preempt = stack.enter_context(Preemption())
-        return _train(cfg, run_dir, accelerator, layout, preempt, show_progress)
+        return _train(cfg, run_dir, accelerator, layout, preempt, show_progress, parallel)
 
 
 def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layout, preempt: Preemption,
-           show_progress: bool) -> TrainResult:
+           show_progress: bool, parallel: Parallel) -> TrainResult:
     t = cfg.train
     device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
     cuda = device.type == "cuda"
@@ -103,18 +105,14 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     for module in objective.modules():
         if t.activation_checkpointing and hasattr(module, "set_activation_checkpointing"):
             module.set_activation_checkpointing(True)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
-                                  fused=cuda or None)
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
     guard = BadSteps(limit=t.max_bad_steps)
 
     step, nimg, position, prior_seconds = 0, 0, 0, 0.0
+    opt_state = None
     if ckpt is not None:
         load_state(objective, ckpt)
         opt_state = load_optimizer_state(ckpt)
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
         step, nimg, position = ckpt.step, int(ckpt.manifest["nimg"]), int(ckpt.manifest["data_position"])
         guard.skipped = int(ckpt.manifest.get("skipped_steps", 0))
         guard.streak = int(ckpt.manifest.get("bad_streak", 0))
@@ -131,7 +129,13 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         from fewstep.compiling import compile_objective
 
         compile_objective(objective)
-    model, optimizer = accelerator.prepare(objective, optimizer)
+    objective = parallel.shard(objective)   # FSDP2: fully_shard in place, before the optimizer sees the parameters
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+                                  fused=cuda or None)
+    if opt_state is not None:
+        parallel.load_optimizer_state(optimizer, opt_state, params)
+    model, optimizer = parallel.prepare(objective, optimizer)
     stream = BatchStream(dataset, layout.batch_per_gpu, seed=t.seed, rank=rank, world_size=layout.world,
                          num_workers=cfg.data.num_workers, device=device, start_position=position)
     batches = iter(stream)
@@ -156,12 +160,13 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         if cuda:
             rng["cuda"] = torch.cuda.get_rng_state(device)
         rngs = accelerator.gather_for_metrics([rng], use_gather_object=True) if layout.world > 1 else [rng]
+        state, opt = parallel.model_state(model), parallel.optimizer_state(optimizer)   # full; on rank 0
         path, error = None, None
         if main:
             try:
                 path = save_checkpoint(
-                    run_dir, step, objective_state=accelerator.unwrap_model(model).state_dict(),
-                    optimizer_state=optimizer.state_dict(), rng_states=rngs, keep=t.keep_checkpoints,
+                    run_dir, step, objective_state=state,
+                    optimizer_state=opt, rng_states=rngs, keep=t.keep_checkpoints,
                     manifest={"nimg": nimg, "kimg": nimg / 1000, "data_position": stream.position,
                               "skipped_steps": guard.skipped, "bad_streak": guard.streak,
                               "train_seconds": train_seconds(),
@@ -183,10 +188,14 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                      f"error: {message}; training goes on and saving is retried at the next checkpoint interval")
         return None
 
+    def plain() -> torch.nn.Module | None:
+        """The objective to sample with on rank 0 (``None`` elsewhere); collective under FSDP2."""
+        return parallel.sampling_objective(model, lambda: build_objective(cfg, spec))
+
     def grid(tag: str) -> None:
+        obj = plain()
         if not main:
             return
-        obj = accelerator.unwrap_model(model)
         seeds = list(range(cfg.sample.num_images))
         blocks = [to_pixels(sample(obj, seeds, nfe, weights=cfg.sample.weights, guidance=cfg.sample.guidance,
                                   autocast=cuda and t.precision == "bf16").images) for nfe in cfg.sample.nfe]
@@ -239,7 +248,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                 x, y = next(batches)
                 y = y if spec.num_classes else None
                 sync = micro == layout.accumulation - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with parallel.no_sync(model, sync):
                     with trusted_labels():   # checked when the dataset was loaded: no host sync per call
                         out = model(x, y, generator, nimg)
                     accelerator.backward(out.loss / layout.accumulation)
@@ -248,7 +257,8 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                     v = torch.as_tensor(v, device=device).detach().float()
                     step_logs[k] = step_logs.get(k, 0) + v / layout.accumulation
             # Global gradient norm (after unscaling, over all ranks); with no clipping, max_norm=∞ scales by 1.
-            grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip is not None else math.inf)
+            grad_norm = parallel.grad_norm(
+                accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip is not None else math.inf))
             bad = guard.is_bad(grad_norm, reduce_sum)   # the one host sync of a step
             if bad:
                 info = guard.describe(grad_norm)
@@ -313,17 +323,18 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                          f"received {stopped}: stopped after step {step} ({nimg / 1000:.3f} kimg) with "
                          f"checkpoint {last_ckpt}; run the same command again to resume")
         elif spec.kind == "points":   # toy data: metrics.json (sliced Wasserstein per NFE) and a scatter plot
+            obj = plain()
             if main:
                 from fewstep.evaluate import evaluate_points
 
                 held_out = load_dataset(dataclasses.replace(cfg.data, split="test"))
-                evaluate_points(accelerator.unwrap_model(model), held_out, run_dir, nfes=cfg.sample.nfe,
+                evaluate_points(obj, held_out, run_dir, nfes=cfg.sample.nfe,
                                 num=cfg.sample.num_images, weights=cfg.sample.weights,
                                 guidance=cfg.sample.guidance)
         else:
             grid("final")
     finally:
         status.close()
-    accelerator.end_training()
+    parallel.finish()   # keeps the process group for another train() in this process; destroyed at exit
     return TrainResult(run_dir=run_dir, step=step, kimg=nimg / 1000, loss=last_loss, checkpoint=last_ckpt,
                        stopped=stopped, skipped_steps=guard.skipped, budget_reached=over)
