@@ -594,7 +594,8 @@ def check_backbone_purity(net: nn.Module, config: BackboneConfig, spec: DataSpec
 
 def check_backbone_jvp(net: nn.Module, config: BackboneConfig, spec: DataSpec, batch: int = 2) -> None:
     """``torch.func.jvp`` through the backbone (in float64) w.r.t. x, t and s (when embedded) matches
-    central differences: the backbone is forward-AD safe, as JVP objectives need."""
+    central differences: the backbone is forward-AD safe, as JVP objectives need. A backbone that sets
+    ``supports_tangents`` must give the same JVP from ``forward(..., tangents=(tx, tt, ts))``."""
     twin = perturbed(net).double().eval()
     x, t, s, y, cond = _inputs(config, spec, batch, 4, torch.float64)
     primals = (x, t) if s is None else (x, t, s)
@@ -619,6 +620,15 @@ def check_backbone_jvp(net: nn.Module, config: BackboneConfig, spec: DataSpec, b
     if not err <= 1e-6 * (1 + fd.abs().max().item()):
         _fail(net, f"the JVP differs from central differences by {err:.3g} (scale {fd.abs().max():.3g}): a custom "
                    f"autograd Function without a correct forward-AD rule, or detached inputs?")
+    if getattr(twin, "supports_tangents", False):   # its own tangent rules: the same JVP
+        full = tuple(tangents) + (None,) * (3 - len(tangents))
+        try:
+            _, own = twin(x, t, s, y, tangents=full, **cond)
+        except Exception as exc:  # noqa: BLE001
+            _fail(net, f"supports_tangents is set but forward(..., tangents=) failed ({type(exc).__name__}: {exc})")
+        err = (own - tangent).abs().max().item()
+        if not err <= 1e-9 * (1 + tangent.abs().max().item()):
+            _fail(net, f"forward(..., tangents=) differs from torch.func.jvp by {err:.3g}: a wrong tangent rule")
 
 
 def check_backbone_save_load(config: BackboneConfig, spec: DataSpec, batch: int = 4) -> None:

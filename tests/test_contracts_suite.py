@@ -262,3 +262,22 @@ def test_backbone_with_running_statistics_is_impure():
                                      bases=(MLPConfig,), kw_only=True, namespace={"build": build})(width=16, depth=1)
     with pytest.raises(ContractError, match=r"modified its own parameters/buffers \['calls'\]"):
         check_backbone(cfg, POINTS, skip=("gradients", "jvp", "save_load"))
+
+
+def test_a_wrong_tangent_rule_is_caught(monkeypatch):
+    """Backbones that set supports_tangents must give torch.func.jvp's JVP from forward(..., tangents=)."""
+    import fewstep.backbones.dit_tangents as dit_tangents
+    from fewstep.testing import TINY_SPEC, check_backbone_jvp, tiny_dit
+
+    cfg = tiny_dit(gap_embedder=True)
+    net = cfg.build(TINY_SPEC)
+    check_backbone_jvp(net, cfg, TINY_SPEC)
+    right = dit_tangents.gelu_tanh_jvp
+
+    def wrong(x, tx):
+        out, tout = right(x, tx)
+        return out, None if tout is None else tout * 1.01
+
+    monkeypatch.setattr(dit_tangents, "gelu_tanh_jvp", wrong)
+    with pytest.raises(ContractError, match="differs from torch.func.jvp"):
+        check_backbone_jvp(net, cfg, TINY_SPEC)
