@@ -75,12 +75,17 @@ class Modulation(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Embedders
 # ---------------------------------------------------------------------------------------------------
+def timestep_frequencies(dim: int = FREQUENCY_DIM, max_period: float = 10000.0,
+                         device: torch.device | None = None) -> Tensor:
+    """ω_i = max_period^(−i/(dim/2)), i < dim/2: (dim/2,) float64."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=device) / half)
+
+
 def timestep_embedding(t: Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal features of scalars: t (B,) → (B, dim) float64, ``[cos(t·ω), sin(t·ω)]`` with
-    ω_i = max_period^(−i/(dim/2)), i < dim/2 (cos half first)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period)
-                      * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ω from :func:`timestep_frequencies` (cos half first)."""
+    freqs = timestep_frequencies(dim, max_period, t.device)
     args = t.to(torch.float64)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

@@ -23,7 +23,8 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fewstep.backbones.layers import EPS, FREQUENCY_DIM, RMSNorm, TimestepEmbedder
+from fewstep.backbones.layers import (EPS, FREQUENCY_DIM, RMSNorm, TimestepEmbedder, timestep_embedding,
+                                      timestep_frequencies)
 
 Dual = tuple[Tensor, Tensor | None]
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -166,14 +167,12 @@ def modulation_jvp(mod: nn.Module, c: Tensor, tc: Tensor | None) -> Dual:
 def timestep_embedder_jvp(emb: TimestepEmbedder, t: Tensor, tt: Tensor | None) -> Dual:
     """Sinusoid features [cos(a·ω), sin(a·ω)] of a = scale·t (float64, as the primal), their tangent
     [−sin(a·ω), cos(a·ω)]·ω·scale·tt, then Linear → SiLU → Linear."""
-    from fewstep.backbones.layers import timestep_embedding
-
     features = timestep_embedding(t * emb.scale)
     dtype = emb.mlp[0].weight.dtype
     if tt is None:
         return emb.mlp(features.to(dtype)), None
     half = FREQUENCY_DIM // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    freqs = timestep_frequencies(FREQUENCY_DIM, device=t.device)
     rate = (tt.to(torch.float64) * emb.scale)[:, None] * freqs[None]             # d(a·ω)/dε
     cos, sin = features[:, :half], features[:, half:]
     tfeatures = torch.cat([-sin * rate, cos * rate], dim=-1)

@@ -1,4 +1,4 @@
-"""``torch.compile`` for objectives, region by region.
+"""Speed and memory settings of an objective: ``torch.compile`` region by region, activation checkpointing.
 
 Every backbone inside an objective (the online net, its teacher, EMA tracks) that lists
 ``compile_regions()`` gets those modules compiled in place (``nn.Module.compile``); the DiT lists its
@@ -12,6 +12,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def set_activation_checkpointing(objective: nn.Module, enabled: bool = True) -> None:
+    """Switch activation checkpointing on every backbone in ``objective`` that offers it
+    (``set_activation_checkpointing``: the DiT recomputes each block in backward)."""
+    for module in objective.modules():
+        if hasattr(module, "set_activation_checkpointing"):
+            module.set_activation_checkpointing(enabled)
 
 
 def compile_objective(objective: nn.Module, mode: str | None = None) -> int:

@@ -82,12 +82,13 @@ def _in_vmap() -> bool:
     return any(i.key() == torch._C._functorch.TransformType.Vmap for i in interpreters)
 
 
-def _kernel_fits(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def _kernel_fits(q: Tensor, k: Tensor, v: Tensor, *, compiled_ok: bool = False) -> bool:
     """The Triton kernel handles these operands: 4-D (B, H, L, d), equal head dims and head counts,
-    d ≤ 256, a floating dtype it supports (float64 stays explicit), outside vmap."""
+    d ≤ 256, a floating dtype it supports (float64 stays explicit), outside vmap; and outside a
+    ``torch.compile`` trace unless ``compiled_ok`` (the custom op compiles, the forward-AD Function not)."""
     return (q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == v.shape[-1] and q.shape[:2] == k.shape[:2]
             and q.shape[-1] <= 256 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and not torch.compiler.is_compiling() and not _in_vmap() and triton_available())
+            and (compiled_ok or not torch.compiler.is_compiling()) and not _in_vmap() and triton_available())
 
 
 @contextlib.contextmanager
@@ -205,9 +206,7 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor
     if tq is None and tk is None and tv is None:
         return attention(q, k, v, scale=scale), None
     tq, tk, tv = (torch.zeros_like(p) if t is None else t for p, t in zip((q, k, v), (tq, tk, tv)))
-    fits = (q.dim() == 4 and q.shape[-1] == v.shape[-1] and q.shape[:2] == k.shape[:2] and q.shape[-1] <= 256
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and triton_available())
-    if (q.is_cuda or _force_kernel > 0) and fits and _force_explicit == 0:
+    if (q.is_cuda or _force_kernel > 0) and _kernel_fits(q, k, v, compiled_ok=True) and _force_explicit == 0:
         from fewstep.kernels.jvp_ops import jvp_attention_op
 
         _last_path = "triton"

@@ -3,8 +3,9 @@
 Two entry points, both O(N·d) memory, both correct in every mode:
 
 * :func:`jvp_attention` — the explicit 6-in/2-out op ``(q, k, v, tq, tk, tv) → (O, tO)`` for callers
-  that carry tangents themselves (the ``torch.library`` custom op of :mod:`fewstep.kernels.jvp_ops`). Forward is one fused pass (3F); the backward receives ∂L/∂O and
-  ∂L/∂tO together and runs one fused backward specialised for which of them exist (10.5F with both).
+  that carry tangents themselves, the ``torch.library`` custom op of :mod:`fewstep.kernels.jvp_ops`.
+  Forward is one fused pass (3F); the backward receives ∂L/∂O and ∂L/∂tO together and runs one fused
+  backward specialised for which of them exist (10.5F with both).
 * :func:`flash_attention` — ``(q, k, v) → O`` with a forward-AD rule, for ``torch.func.jvp`` and
   ``torch.autograd.forward_ad`` dual tensors. The forward is plain flash attention (F) and always gives
   a valid primal; the ``jvp`` rule adds the tangent with a tangent-only pass that reuses the saved LSE

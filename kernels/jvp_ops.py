@@ -14,9 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from fewstep.kernels.jvp_attention import _check, _dtype, _prepare
 from fewstep.kernels.jvp_launch import attention_backward, attention_forward, unit_stride
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _bnhd(q: Tensor) -> Tensor:
@@ -82,15 +81,8 @@ def jvp_attention_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv
 
     Shapes: q (B, H, N, d); k, v (B, H, M, d); tangents like their primals; d ≤ 256.
     """
-    if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
-            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
-        raise ValueError(f"JVP attention expects q (B, H, N, d), k and v (B, H, M, d), got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    device = q.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"JVP attention supports fp16, bf16 and fp32, got {dtype}")
+    _check(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    args = [unit_stride(x.to(dtype)) for x in (q, k, v, tq, tk, tv)]
+    args = _prepare(q, k, v, tq, tk, tv, dtype=_dtype(q))
     o, to, _, _ = _forward(*args, scale, bool(causal))
     return o, to

@@ -88,10 +88,10 @@ def test_batch_that_does_not_divide_is_refused(fashion_dir):
 def test_compile_and_activation_checkpointing_train_the_same_run(fashion_dir, tmp_path, monkeypatch):
     """train.compile and train.activation_checkpointing change speed and memory, not the experiment:
     the same losses (to float rounding) as a plain run, and a plain run resumes under them."""
-    import fewstep.compiling as compiling
+    import fewstep.train.loop as loop
 
     compiled = []
-    monkeypatch.setattr(compiling, "compile_objective", lambda obj, mode=None: compiled.append(obj) or 0)
+    monkeypatch.setattr(loop, "compile_objective", lambda obj, mode=None: compiled.append(obj) or 0)
     plain = train(tiny(fashion_dir, **{"train.total_kimg": 0.032}), tmp_path / "a", show_progress=False)
     fast = train(tiny(fashion_dir, **{"train.total_kimg": 0.032, "train.compile": True,
                                       "train.activation_checkpointing": True}), tmp_path / "b", show_progress=False)

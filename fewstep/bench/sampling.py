@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fewstep.backbones.inputs import trusted_labels
+from fewstep.bench import cuda_times
 from fewstep.build import build_objective, resolve
 from fewstep.config import RunConfig
 from fewstep.contracts import Condition, DataSpec
@@ -39,15 +40,7 @@ def _median_ms(fn, reps: int) -> float:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_times(fn, reps)) * 1e3
 
 
 def _graphed(fn):

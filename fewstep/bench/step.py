@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fewstep.backbones.inputs import trusted_labels
+from fewstep.bench import cuda_times
 from fewstep.build import build_objective
-from fewstep.config import RunConfig, default_objective_config
+from fewstep.config import RunConfig
 from fewstep.contracts import DataSpec
 from fewstep.train.status import peak_flops
 
@@ -60,7 +61,7 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
                     profile_kernels: bool = True, log=print) -> StepResult:
     """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
     (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules)."""
-    from fewstep.compiling import compile_objective
+    from fewstep.compiling import compile_objective, set_activation_checkpointing
     from fewstep.objectives.jvp import functorch_jvp
 
     device = torch.device("cuda")
@@ -70,9 +71,7 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
         objective = build_objective(cfg, spec)
     log(f"{cfg.objective.name}: built in {time.perf_counter() - started:.1f} s")
     if checkpointing:
-        for module in objective.modules():
-            if hasattr(module, "set_activation_checkpointing"):
-                module.set_activation_checkpointing(True)
+        set_activation_checkpointing(objective)
     if compile:
         compile_objective(objective)
     objective.train()
@@ -100,14 +99,7 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
         torch.cuda.synchronize()
         log(f"{cfg.objective.name}: warm-up step {i + 1}/{warmup} {time.perf_counter() - started:.2f} s")
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    times = cuda_times(step, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
     kernels = _kernel_count(step) if profile_kernels else None
     median = statistics.median(times)
@@ -124,13 +116,6 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
     return result
 
 
-def with_objective(cfg: RunConfig, name: str) -> RunConfig:
-    """``cfg`` with objective ``name`` at its default settings (same backbone, data, precision)."""
-    import dataclasses
-
-    return dataclasses.replace(cfg, objective=default_objective_config(name))
-
-
 def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]:
     """One line per objective; ratios against ``baseline`` (flow matching) when given."""
     lines = []
@@ -138,7 +123,7 @@ def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]
         ratio = f", {r.s_per_step / baseline.s_per_step:.2f}× {baseline.objective}" if baseline and r is not baseline else ""
         mfu = f", MFU {100 * r.mfu:.1f}%" if r.mfu is not None else ""
         kernels = f", {r.kernels_per_step} kernels" if r.kernels_per_step is not None else ""
-        jvp = f" ({r.path} JVP)" if r.flops_per_step and r.path == "functorch" else ""
+        jvp = " (functorch JVP)" if r.path == "functorch" else ""
         lines.append(f"{r.objective:>10}{jvp} batch {r.batch}{' compiled' if r.compiled else ''}"
                      f"{' checkpointed' if r.checkpointing else ''}: "
                      f"{r.s_per_step:.4f} s/step, {r.images_per_s:.1f} img/s, peak {r.peak_gib:.1f} GiB"

@@ -26,6 +26,7 @@ from fewstep import __version__
 from fewstep.backbones.inputs import trusted_labels
 from fewstep.build import build_objective, load_state, resolve, write_run_config
 from fewstep.checkpoints import CheckpointWriteError, load_optimizer_state, save_checkpoint
+from fewstep.compiling import compile_objective, set_activation_checkpointing
 from fewstep.config import RunConfig, to_dict
 from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
@@ -102,9 +103,8 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
 
     torch.manual_seed(t.seed * 1000 + rank)
     objective = build_objective(cfg, spec).to(device)
-    for module in objective.modules():
-        if t.activation_checkpointing and hasattr(module, "set_activation_checkpointing"):
-            module.set_activation_checkpointing(True)
+    if t.activation_checkpointing:
+        set_activation_checkpointing(objective)
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
     guard = BadSteps(limit=t.max_bad_steps)
 
@@ -126,8 +126,6 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                 torch.cuda.set_rng_state(rng["cuda"], device)
 
     if t.compile:
-        from fewstep.compiling import compile_objective
-
         compile_objective(objective)
     objective = parallel.shard(objective)   # FSDP2: fully_shard in place, before the optimizer sees the parameters
     params = [p for p in objective.parameters() if p.requires_grad]
