@@ -138,36 +138,33 @@ class SCM(Objective):
     def F(self, x_tau: Tensor, tau: Tensor, y: Tensor | None, net: nn.Module | None = None) -> Tensor:
         """TrigFlow F_θ(x_τ/σ_d, τ): x_τ (B, C, H, W), τ (B,) in [0, π/2] → (B, C, H, W) in x_τ's dtype.
         Calls ``net(k(τ)·x_τ, t(τ), y=y)`` (see the module docstring)."""
-        sd, k = self.config.sigma_data, state_scale(tau, self.config.sigma_data, SIGMA_P)
-        x_t = x_tau * per_sample(k, x_tau)
-        out = (net if net is not None else self.backbone)(x_t, t_from_tau(tau, sd, SIGMA_P), y=y).to(x_tau.dtype)
-        if self.config.parameterization == "trigflow":
-            return out
-        b = torch.cos(tau) / SIGMA_P - torch.sin(tau) / sd
-        return out * per_sample(k / SIGMA_P, out) + x_t * per_sample(b, x_t)
+        x_t, t = self.backbone_inputs(x_tau, tau)
+        out = (net if net is not None else self.backbone)(x_t, t, y=y).to(x_tau.dtype)
+        return out if self.config.parameterization == "trigflow" else self.read_out(out, x_t, tau)
 
     def F_jvp(self, x_tau: Tensor, tau: Tensor, y: Tensor | None, tx: Tensor, ttau: Tensor, *,
               detach_tangent: bool = False) -> tuple[Tensor, Tensor]:
         """(F_θ(x_τ, τ), its JVP along (tx, tτ)), shapes as :meth:`F`. The cheap maps into and out of
-        the backbone (x_t = k(τ)·x_τ, t(τ), the velocity read-out) go through ``torch.func.jvp``; the
+        the backbone (:meth:`backbone_inputs`, :meth:`read_out`) go through ``torch.func.jvp``; the
         backbone through :func:`backbone_jvp` (the DiT's own tangent rules and fused kernel)."""
-        sd = self.config.sigma_data
-
-        def into(x_: Tensor, tau_: Tensor) -> tuple[Tensor, Tensor]:
-            return x_ * per_sample(state_scale(tau_, sd, SIGMA_P), x_), t_from_tau(tau_, sd, SIGMA_P)
-
-        (x_t, t), (tx_t, tt) = torch.func.jvp(into, (x_tau, tau), (tx, ttau))
+        (x_t, t), (tx_t, tt) = torch.func.jvp(self.backbone_inputs, (x_tau, tau), (tx, ttau))
         out, tout = backbone_jvp(self.backbone, x_t, t, None, (tx_t, tt, None), y=y, detach_tangent=detach_tangent)
         out, tout = out.to(x_tau.dtype), tout.to(x_tau.dtype)
         if self.config.parameterization == "trigflow":
             return out, tout
-
-        def read_out(v: Tensor, x_: Tensor, tau_: Tensor) -> Tensor:
-            k, b = state_scale(tau_, sd, SIGMA_P), torch.cos(tau_) / SIGMA_P - torch.sin(tau_) / sd
-            return v * per_sample(k / SIGMA_P, v) + x_ * per_sample(b, x_)
-
-        F, tF = torch.func.jvp(read_out, (out, x_t, tau), (tout, tx_t, ttau))
+        F, tF = torch.func.jvp(self.read_out, (out, x_t, tau), (tout, tx_t, ttau))
         return F, (tF.detach() if detach_tangent else tF)
+
+    def backbone_inputs(self, x_tau: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t = k(τ)·x_τ, t(τ)): the TrigFlow point in our convention, as the backbone sees it."""
+        sd = self.config.sigma_data
+        return x_tau * per_sample(state_scale(tau, sd, SIGMA_P), x_tau), t_from_tau(tau, sd, SIGMA_P)
+
+    def read_out(self, v: Tensor, x_t: Tensor, tau: Tensor) -> Tensor:
+        """``velocity`` parameterisation: F_θ = v·k(τ)/σ_p + (cos τ/σ_p − sin τ/σ_d)·x_t."""
+        k = state_scale(tau, self.config.sigma_data, SIGMA_P)
+        b = torch.cos(tau) / SIGMA_P - torch.sin(tau) / self.config.sigma_data
+        return v * per_sample(k / SIGMA_P, v) + x_t * per_sample(b, x_t)
 
     def consistency_fn(self, x_tau: Tensor, tau: Tensor, y: Tensor | None, net: nn.Module | None = None) -> Tensor:
         """f_θ(x_τ, τ) = cos τ·x_τ − sin τ·σ_d·F_θ: the predicted data end, shaped like x_τ."""

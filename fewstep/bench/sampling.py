@@ -92,11 +92,12 @@ def bench_sampling(cfg: RunConfig, spec: DataSpec, *, batch: int, nfes: list[int
         return run
 
     rows: list[SampleRow] = []
+    compiled = False
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16), trusted_labels():
         for mode in modes:
-            if mode in ("compile", "graphs") and not getattr(objective, "_fewstep_compiled", False):
+            if mode in ("compile", "graphs") and not compiled:
                 compile_objective(objective)
-                objective._fewstep_compiled = True
+                compiled = True
             fns = {"forward": forward, **{f"nfe={k}": chain(k) for k in nfes}}
             for what, fn in fns.items():
                 ms = _median_ms(_graphed(fn) if mode == "graphs" else fn, reps)
