@@ -156,6 +156,9 @@ class Objective(nn.Module):
 
     Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
     needs: ClassVar[ObjectiveNeeds]
+    #: The log entry that shows training progress (sweeps plot it in ``loss_curves.png``). ``"loss"``
+    #: unless the optimised loss hides progress, e.g. under adaptive weights that normalise it to ≈ 1.
+    progress_log: ClassVar[str] = "loss"
 
     def __init__(self, backbone: nn.Module, config: ObjectiveConfig, num_classes: int,
                  ema_betas: dict[str, float] | None = None):

@@ -138,6 +138,7 @@ class MeanFlow(Objective):
 
     Config = MeanFlowConfig
     needs = ObjectiveNeeds(time_inputs=2, jvp=True, teacher="stopgrad", cfg="distilled", guidance_input=False)
+    progress_log = "loss_u"   # the adaptive weight normalises ``loss`` to ≈ 1
     config: MeanFlowConfig
 
     # -- training -------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class SCM(Objective):
 
     Config = SCMConfig
     needs = ObjectiveNeeds(time_inputs=1, jvp=True, teacher="stopgrad", cfg="none", renoise=True)
+    progress_log = "loss_unweighted"   # ``loss`` includes the learnt log-variance and goes negative
     config: SCMConfig
 
     def __init__(self, backbone: nn.Module, config: SCMConfig, num_classes: int,

@@ -16,6 +16,7 @@ import pytest
 import fewstep.train
 from fewstep.images import read_png
 from fewstep.sweep import SweepError, SweepSpec, member_config, parse_objectives, run_sweep, spec_from_dict
+from fewstep.sweep.report import collect, progress_key
 from fewstep.sweep.run import prepare
 from fewstep.sweep.spec import check_saved, load_sweep_file, spec_to_dict
 from fewstep.sweep.worker import member_state
@@ -54,6 +55,14 @@ def test_a_sweep_writes_every_file_and_a_rerun_skips_finished_members(tmp_path, 
     assert "| fm |" in table and "| meanflow |" in table and "Noise floor" in table
     assert read_png(out / "metric_vs_nfe.png").shape[0] == 3
     assert read_png(out / "loss_curves.png").shape[2] > 2 * 360        # one panel per member, side by side
+    fm_row, mf_row = collect(out, toy_spec())                           # MeanFlow's adaptive loss is ≈ 1:
+    assert (fm_row.loss_key, mf_row.loss_key) == ("loss", "loss_u")    # its curve is the raw MSE
+    records = [json.loads(line) for line in (out / "meanflow" / "log.jsonl").read_text().splitlines()]
+    raw = [r["loss_u"] for r in records if "loss_u" in r and "event" not in r]
+    assert [v for _, v in mf_row.losses] == pytest.approx(raw) and raw != pytest.approx([r["loss"] for r in records
+                                                                                         if "loss_u" in r])
+    assert progress_key("scm", [{"loss": -1.0, "loss_unweighted": 0.2}]) == "loss_unweighted"
+    assert progress_key("meanflow", [{"loss": 1.0}]) == "loss"           # an old log without the entry
     assert read_png(out / "samples-fm.png").shape[0] == 3              # points: the scatter panels
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint-*/*")}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewstep.checkpoints import latest_checkpoint
+from fewstep.registry import objectives
 from fewstep.sweep.spec import POINTS_METRIC, SweepSpec
 from fewstep.sweep.worker import EVAL_FILE, grid_path, read_json
 
@@ -41,6 +42,7 @@ class Row:
     device: str | None = None
     floor: float | None = None
     losses: list[tuple[float, float]] = field(default_factory=list)
+    loss_key: str = "loss"
 
 
 def metric_label(metric: str) -> str:
@@ -59,6 +61,15 @@ def read_log(path: Path) -> list[dict]:
     return out
 
 
+def progress_key(objective: str, records: list[dict]) -> str:
+    """The objective's ``progress_log`` entry if its status records have it, else ``"loss"``."""
+    try:
+        key = getattr(objectives.get(objective), "progress_log", "loss")
+    except Exception:   # an objective whose plugin is gone still gets its curve
+        key = "loss"
+    return key if any(key in r for r in records) else "loss"
+
+
 def collect(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = None) -> list[Row]:
     """One :class:`Row` per member, from what is on disk."""
     rows = []
@@ -72,7 +83,8 @@ def collect(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = No
         records = [r for r in read_log(run_dir / "log.jsonl") if "event" not in r and "kimg" in r]
         speeds = [r["img_per_s"] for r in records if "img_per_s" in r]
         peaks = [r["peak_mem_gib"] for r in records if "peak_mem_gib" in r]
-        losses = {float(r["kimg"]): float(r["loss"]) for r in records if "loss" in r}
+        key = progress_key(m.objective, records)
+        losses = {float(r["kimg"]): float(r[key]) for r in records if key in r}
         seconds = ckpt.manifest.get("train_seconds") if ckpt else None
         rows.append(Row(member=m.name, objective=m.objective, overrides=" ".join(m.overrides), status=status,
                         scores={str(k): float(v) for k, v in ev["scores"].items()} if status == "ok" else {},
@@ -81,7 +93,7 @@ def collect(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = No
                         minutes=seconds / 60 if seconds is not None else None,
                         peak_mem_gib=max(peaks) if peaks else None, device=(ev or {}).get("device"),
                         floor=(ev or {}).get("floor"),
-                        losses=sorted(losses.items())))
+                        losses=sorted(losses.items()), loss_key=key))
     return rows
 
 
@@ -165,7 +177,8 @@ def write_report(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None
     write_png(files[2], line_chart(series, title=f"{what} vs NFE, {spec.num} samples", xlabel="NFE",
                                    ylabel=label.split("-")[0], log_x=True, x_ticks=list(spec.nfe)))
     panels = [line_chart([Series(r.member, [k for k, _ in r.losses], [v for _, v in r.losses])],
-                         title=f"{r.member} loss", xlabel="kimg", ylabel="loss", size=(360, 240), legend=False)
+                         title=f"{r.member} {r.loss_key}", xlabel="kimg", ylabel=r.loss_key, size=(360, 240),
+                         legend=False)
               for r in rows]
     ncol = min(len(panels), 3)
     write_png(files[3], make_grid([torch.stack(panels)], ncol=ncol, pad=4))
