@@ -59,12 +59,21 @@ def mul(a: Tensor | None, b: Tensor) -> Tensor | None:
 # Linear maps and activations
 # ---------------------------------------------------------------------------------------------------
 def linear_jvp(layer: nn.Linear | nn.Conv2d, x: Tensor, tx: Tensor | None) -> Dual:
-    """``layer(x)`` and its tangent ``W·tx`` (no bias: the map is affine)."""
+    """``layer(x)`` and its tangent ``W·tx`` (no bias: the map is affine). x, tx: (..., in) alike."""
     if isinstance(layer, nn.Conv2d):
         tout = None if tx is None else F.conv2d(tx, layer.weight, None, layer.stride, layer.padding,
                                                 layer.dilation, layer.groups)
         return layer(x), tout
-    return layer(x), (None if tx is None else F.linear(tx, layer.weight))
+    if tx is None:
+        return layer(x), None
+    if torch.compiler.is_compiling() and x.shape == tx.shape:
+        # One GEMM on the stacked rows [x; tx]: Inductor writes the producers of x and tx straight into
+        # the halves of one buffer, and the backward's weight gradient becomes one GEMM (xᵀg + txᵀg_t)
+        # instead of two and a sum. The bias joins the primal half only, in the output dtype, so that it
+        # fuses into the consumer. (In eager the concatenation would be a copy, so the two GEMMs stay.)
+        out, tout = F.linear(torch.cat([x, tx]), layer.weight).chunk(2)
+        return (out if layer.bias is None else out + layer.bias.to(out.dtype)), tout
+    return layer(x), F.linear(tx, layer.weight)
 
 
 def silu_jvp(x: Tensor, tx: Tensor | None) -> Dual:
