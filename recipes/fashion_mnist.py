@@ -9,10 +9,11 @@ from fewstep.config import DataConfig, RunConfig, SampleConfig, TrainConfig
 from fewstep.recipes.common import objective_config, only_known
 from fewstep.registry import recipes
 
-# Training length (kimg) the sweep recipe's schedules are scaled to. Measured with five members sharing one
-# H100 and train.compile=true, 4 minutes each: fm 378, ECT 296, MeanFlow 172 kimg (TVM and sCM did not
-# complete that run). ECT's gap halves every SWEEP_KIMG/8: at 12.5 kimg per stage ECT reached stage 23
-# (relative gap 2⁻²³, below float32 resolution) and diverged, so the stages are scaled to 300 kimg.
+# Training length (kimg) the sweep recipe's schedules are scaled to. With five members sharing one H100
+# and train.compile=true, 4 minutes each train fm 243, ECT 193, sCM 102, MeanFlow 87 and TVM 63 kimg
+# (docs/results/fashion-mnist.md); an earlier run with three members reached fm 378 and ECT 296 kimg.
+# ECT's gap halves every SWEEP_KIMG/8: at 12.5 kimg per stage ECT reached stage 23 (relative gap 2⁻²³,
+# below float32 resolution) and diverged, so the stages are scaled to 300 kimg.
 SWEEP_KIMG = 300.0
 
 
