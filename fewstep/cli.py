@@ -220,6 +220,7 @@ def bench_step(
     steps: int = typer.Option(10, help="Timed steps (median reported)."),
     warmup: int = typer.Option(3, help="Untimed steps first (compilation, autotuning, allocator)."),
     set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (repeatable)."),
+    profile: int = typer.Option(0, help="Also list the N CUDA kernels with the most GPU time in one step."),
     out: Optional[Path] = typer.Option(None, help="Also write the measurements as JSON here."),
 ) -> None:
     """Full training steps (forward, JVP, backward, AdamW, EMA updates) on synthetic data: median
@@ -228,7 +229,7 @@ def bench_step(
 
     import torch
 
-    from fewstep.bench.step import bench_objective, summary
+    from fewstep.bench.step import bench_objective, kernel_table, summary
     from fewstep.build import resolve
     from fewstep.contracts import DataSpec
 
@@ -250,9 +251,11 @@ def bench_step(
     results = []
     for cfg in configs:
         results.append(bench_objective(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
-                                       functorch=jvp == "functorch", checkpointing=checkpointing,
+                                       functorch=jvp == "functorch", checkpointing=checkpointing, top=profile,
                                        log=lambda m: console.print(m, highlight=False)))
         console.print(summary(results[-1:], None)[0], highlight=False)
+        for line in kernel_table(results[-1]) if profile else []:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     base = results[1] if len(results) > 1 else None
     for line in summary(results, base):
         console.print(line, highlight=False)

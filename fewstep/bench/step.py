@@ -41,26 +41,44 @@ class StepResult:
     mfu: float | None
     times: list[float] = field(default_factory=list)
     path: str = "explicit"
+    top_kernels: list[KernelTime] = field(default_factory=list)
 
 
-def _kernel_count(step) -> int | None:
-    """CUDA kernels launched by one call of ``step`` (torch.profiler)."""
+@dataclass
+class KernelTime:
+    """One CUDA kernel name's total in a profiled step: launches and GPU milliseconds."""
+
+    name: str
+    calls: int
+    ms: float
+
+
+def _profile_kernels(step) -> list[KernelTime] | None:
+    """Every CUDA kernel name launched by one call of ``step`` with its launches and GPU time, longest
+    first (torch.profiler); ``None`` if the profiler is unavailable (e.g. CUPTI missing)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-    except Exception:   # profiler unavailable (e.g. CUPTI missing): report nothing rather than fail
+    except Exception:   # report nothing rather than fail the benchmark
         return None
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    totals: dict[str, KernelTime] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = totals.setdefault(e.name, KernelTime(e.name, 0, 0.0))
+            k.calls += 1
+            k.ms += e.time_range.elapsed_us() / 1000
+    return sorted(totals.values(), key=lambda k: -k.ms)
 
 
 def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
                     compile: bool, functorch: bool = False, checkpointing: bool = False,
-                    profile_kernels: bool = True, log=print) -> StepResult:
+                    profile_kernels: bool = True, top: int = 0, log=print) -> StepResult:
     """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
-    (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules)."""
+    (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules; ``top``: keep
+    the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``)."""
     from fewstep.compiling import compile_objective, set_activation_checkpointing
     from fewstep.objectives.jvp import functorch_jvp
 
@@ -101,7 +119,8 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
     torch.cuda.reset_peak_memory_stats()
     times = cuda_times(step, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    kernels = _kernel_count(step) if profile_kernels else None
+    profiled = _profile_kernels(step) if profile_kernels or top else None
+    kernels = sum(k.calls for k in profiled) if profiled is not None else None
     median = statistics.median(times)
     flops = objective.flops_per_sample(objective.backbone.forward_flops(1)) * batch
     peak_flops_s = peak_flops(device)
@@ -109,11 +128,22 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
                         s_per_step=median,
                         images_per_s=batch / median, peak_gib=peak, kernels_per_step=kernels,
                         flops_per_step=flops, mfu=(flops / median / peak_flops_s) if peak_flops_s else None,
-                        times=times, path="functorch" if functorch else "explicit")
+                        times=times, path="functorch" if functorch else "explicit",
+                        top_kernels=(profiled or [])[:top])
     del objective, optimizer, params, x, y
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def kernel_table(result: StepResult) -> list[str]:
+    """``result.top_kernels`` as lines: GPU ms per step, share of the step's median time, launches, name."""
+    total = result.s_per_step * 1000
+    lines = [f"top kernels of one {result.objective} step ({total:.1f} ms):"]
+    for k in result.top_kernels:
+        name = k.name if len(k.name) <= 90 else k.name[:87] + "..."
+        lines.append(f"  {k.ms:8.2f} ms {100 * k.ms / total:5.1f}% {k.calls:6d}×  {name}")
+    return lines
 
 
 def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]:
