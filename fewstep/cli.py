@@ -213,7 +213,8 @@ def bench_step(
     checkpointing: bool = typer.Option(False, "--checkpointing", help="Activation checkpointing of every block."),
     jvp: str = typer.Option("explicit", help="JVP path: explicit (the backbone's own tangent rules) or "
                             "functorch (torch.func.jvp, as the official code)."),
-    baseline: str = typer.Option("fm", help="Objective timed in the same process for the ratio ('none': skip)."),
+    baseline: str = typer.Option("fm", help="Objective timed in the same process for the ratio ('none': skip; "
+                           "several processes time the objective alone and wrapped instead).")),
     channels: int = typer.Option(4, help="Synthetic data channels (ImageNet-256 SD-VAE latents: 4)."),
     resolution: int = typer.Option(32, help="Synthetic data side (ImageNet-256 latents: 32)."),
     classes: int = typer.Option(1000, help="Number of classes of the synthetic labels."),
@@ -224,7 +225,11 @@ def bench_step(
     out: Optional[Path] = typer.Option(None, help="Also write the measurements as JSON here."),
 ) -> None:
     """Full training steps (forward, JVP, backward, AdamW, EMA updates) on synthetic data: median
-    s/step, images/s, peak memory, kernels/step and MFU, with the baseline's in the same process."""
+    s/step, images/s, peak memory, kernels/step and MFU, with the baseline's in the same process.
+
+    Under torchrun or accelerate launch (several processes) it measures data-parallel scaling instead:
+    the objective's step alone on every GPU, then wrapped as training wraps it (train.distributed: ddp
+    or fsdp2, via --set), --batch images per GPU; efficiency = time alone / time wrapped."""
     import dataclasses
 
     import torch
@@ -248,6 +253,9 @@ def bench_step(
 
     console.print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
                   f"{configs[0].backbone.name} · batch {batch} · {configs[0].train.precision}", highlight=False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun / accelerate launch: data-parallel scaling
+        _bench_scaling(configs[:1], spec, batch, steps, warmup, compile, checkpointing, out)
+        return
     results = []
     for cfg in configs:
         results.append(bench_objective(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
@@ -264,6 +272,28 @@ def bench_step(
                                    "triton": triton.__version__, "batch": batch, "compile": compile, "jvp": jvp,
                                    "backbone": dataclasses.asdict(configs[0].backbone),
                                    "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+
+
+def _bench_scaling(configs, spec, batch: int, steps: int, warmup: int, compile: bool, checkpointing: bool,
+                   out: Optional[Path]) -> None:
+    """``bench step`` under several processes: each objective alone and wrapped on every rank."""
+    import dataclasses
+
+    import torch
+
+    from fewstep.bench.scaling import bench_scaling, scaling_line
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    say = (lambda m: console.print(m, highlight=False)) if main else (lambda m: None)
+    results = [bench_scaling(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
+                             checkpointing=checkpointing, log=say) for cfg in configs]
+    for r in results:
+        say(scaling_line(r))
+    if out is not None and main:
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "world": results[0].world, "batch_per_gpu": batch, "compile": compile,
+                                   "results": [{**dataclasses.asdict(r), "efficiency": r.efficiency,
+                                                "images_per_s": r.images_per_s} for r in results]}, indent=1))
 
 
 @bench_app.command("sample")

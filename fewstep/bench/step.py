@@ -11,6 +11,7 @@ MFU = model FLOPs per step ÷ time ÷ the GPU's dense bf16 peak, with the FLOPs 
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -73,17 +74,52 @@ def _profile_kernels(step) -> list[KernelTime] | None:
     return sorted(totals.values(), key=lambda k: -k.ms)
 
 
-def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
-                    compile: bool, functorch: bool = False, checkpointing: bool = False,
-                    profile_kernels: bool = True, top: int = 0, log=print) -> StepResult:
-    """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
-    (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules; ``top``: keep
-    the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``)."""
-    from fewstep.compiling import compile_objective, set_activation_checkpointing
-    from fewstep.objectives.jvp import functorch_jvp
+@dataclass
+class StepSetup:
+    """A built objective with its fused AdamW and one synthetic batch, ready to step.
 
-    device = torch.device("cuda")
-    torch.manual_seed(0)
+    ``x``: (batch, C, H, W) float32 latents; ``y``: (batch,) labels or ``None``; ``bf16``: autocast on.
+    """
+
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor | None
+    generator: torch.Generator
+    bf16: bool
+    functorch: bool = False
+
+    def step(self, model: torch.nn.Module | None = None) -> None:
+        """One training step: forward through ``model`` (a DDP wrapper of the objective; default the
+        objective), backward, AdamW, EMA and teacher updates."""
+        from fewstep.objectives.jvp import functorch_jvp
+
+        model = self.objective if model is None else model
+        with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.bf16), trusted_labels(), \
+                functorch_jvp(self.functorch):
+            out = model(self.x, self.y, self.generator)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_step()
+
+    def new_optimizer(self, cfg: RunConfig) -> None:
+        """A fresh fused AdamW over the objective's current parameters (after FSDP2 sharding)."""
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps,
+                                           weight_decay=cfg.train.weight_decay,
+                                           fused=self.x.device.type == "cuda" or None)
+
+
+def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, checkpointing: bool = False,
+               functorch: bool = False, device: torch.device | None = None, seed: int = 0,
+               log=print) -> StepSetup:
+    """Build ``cfg.objective`` on ``device`` (default the current GPU; a CPU works too, for tests), switch
+    checkpointing and compilation as asked, and draw one batch from ``seed``."""
+    from fewstep.compiling import compile_objective, set_activation_checkpointing
+
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)     # every rank builds the same weights
     started = time.perf_counter()
     with device:             # initialise on the GPU (spectral init's SVDs are slow on a CPU)
         objective = build_objective(cfg, spec)
@@ -93,46 +129,70 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
     if compile:
         compile_objective(objective)
     objective.train()
-    params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps,
-                                  weight_decay=cfg.train.weight_decay, fused=True)
-    generator = torch.Generator(device).manual_seed(0)
+    generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn(batch, spec.channels, spec.resolution, spec.resolution, device=device, generator=generator)
     y = torch.randint(0, spec.num_classes, (batch,), device=device, generator=generator) if spec.num_classes else None
-    bf16 = cfg.train.precision == "bf16"
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    setup = StepSetup(objective, None, x, y, generator, cfg.train.precision == "bf16", functorch)  # type: ignore[arg-type]
+    setup.new_optimizer(cfg)
+    return setup
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16), trusted_labels(), functorch_jvp(functorch):
-            out = objective(x, y, generator)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.after_step()
 
+def timed(step, *, warmup: int, steps: int, name: str, device: torch.device | None = None,
+          log=print) -> tuple[list[float], float]:
+    """``warmup`` untimed calls of ``step``, then ``steps`` timed ones: (seconds of each, peak GiB
+    allocated over the timed calls). On a GPU (the default) CUDA events time the calls; on a CPU the
+    wall clock does and the peak is NaN."""
+    cuda = device is None or device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for i in range(warmup):
         started = time.perf_counter()
         step()
-        torch.cuda.synchronize()
-        log(f"{cfg.objective.name}: warm-up step {i + 1}/{warmup} {time.perf_counter() - started:.2f} s")
+        sync()
+        log(f"{name}: warm-up step {i + 1}/{warmup} {time.perf_counter() - started:.2f} s")
+    if not cuda:
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return times, math.nan
     torch.cuda.reset_peak_memory_stats()
     times = cuda_times(step, steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    profiled = _profile_kernels(step) if profile_kernels or top else None
+    return times, torch.cuda.max_memory_allocated() / 2**30
+
+
+def release() -> None:
+    """Collect dropped objectives and return cached GPU memory before the next one is built (``del``
+    the references first)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
+                    compile: bool, functorch: bool = False, checkpointing: bool = False,
+                    profile_kernels: bool = True, top: int = 0, log=print) -> StepResult:
+    """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
+    (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules; ``top``: keep
+    the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``)."""
+    setup = setup_step(cfg, spec, batch=batch, compile=compile, checkpointing=checkpointing, functorch=functorch,
+                       log=log)
+    times, peak = timed(setup.step, warmup=warmup, steps=steps, name=cfg.objective.name, log=log)
+    profiled = _profile_kernels(setup.step) if profile_kernels or top else None
     kernels = sum(k.calls for k in profiled) if profiled is not None else None
     median = statistics.median(times)
+    objective = setup.objective
     flops = objective.flops_per_sample(objective.backbone.forward_flops(1)) * batch
-    peak_flops_s = peak_flops(device)
+    peak_flops_s = peak_flops(setup.x.device)
     result = StepResult(objective=cfg.objective.name, batch=batch, compiled=compile, checkpointing=checkpointing,
                         s_per_step=median,
                         images_per_s=batch / median, peak_gib=peak, kernels_per_step=kernels,
                         flops_per_step=flops, mfu=(flops / median / peak_flops_s) if peak_flops_s else None,
                         times=times, path="functorch" if functorch else "explicit",
                         top_kernels=(profiled or [])[:top])
-    del objective, optimizer, params, x, y
-    gc.collect()
-    torch.cuda.empty_cache()
+    del objective, setup
+    release()
     return result
 
 
