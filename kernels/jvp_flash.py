@@ -43,6 +43,20 @@ def _tile(base, rows, n_rows, stride, cols, n_cols):
 
 
 @triton.jit
+def _halves(base, rows, n_rows, stride, c0, c1, n_cols):
+    """A row tile as its two head-dim chunks (columns ``c0``: the D0 chunk, ``c1``: the D1 chunk), each
+    loaded as :func:`_tile` does."""
+    return _tile(base, rows, n_rows, stride, c0, n_cols), _tile(base, rows, n_rows, stride, c1, n_cols)
+
+
+@triton.jit
+def _batch_head(H):
+    """This program's batch·head index on grid axis 1, with its batch and head (int64, for offsets)."""
+    bh = tl.program_id(1)
+    return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
 def _store(base, value, rows, n_rows, stride, cols, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(base + rows[:, None] * stride + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
@@ -85,9 +99,7 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
     """One query tile of one (batch, head). Modes: primal (``TANGENT=False``: O, LSE), fused
     (``TANGENT``: O, tO, LSE, μ) and tangent-only (``LSE_GIVEN``: reads O and LSE, writes tO, μ)."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     dtype = Q.dtype.element_ty
     rows = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -97,14 +109,12 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
     K += b * sk_b + h * sk_h
     V += b * sv_b + h * sv_h
     O += b * so_b + h * so_h
-    q0 = _tile(Q, rows, N, sq_n, c0, HEAD_DIM)
-    q1 = _tile(Q, rows, N, sq_n, c1, HEAD_DIM)
+    q0, q1 = _halves(Q, rows, N, sq_n, c0, c1, HEAD_DIM)
     if TANGENT:
         TQ += b * stq_b + h * stq_h
         TK += b * stk_b + h * stk_h
         TV += b * stv_b + h * stv_h
-        tq0 = _tile(TQ, rows, N, stq_n, c0, HEAD_DIM)
-        tq1 = _tile(TQ, rows, N, stq_n, c1, HEAD_DIM)
+        tq0, tq1 = _halves(TQ, rows, N, stq_n, c0, c1, HEAD_DIM)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     t0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
@@ -121,8 +131,7 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
         hi = tl.minimum(M, start_m + BLOCK_M + causal_shift)
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + cols
-        k0 = _tile(K, keys, M, sk_n, c0, HEAD_DIM)
-        k1 = _tile(K, keys, M, sk_n, c1, HEAD_DIM)
+        k0, k1 = _halves(K, keys, M, sk_n, c0, c1, HEAD_DIM)
         ok = _visible(rows, keys, N, M, causal_shift, CAUSAL)
         s = tl.where(ok, _dot_t(q0, q1, k0, k1, HAS_D1, PREC) * qk_scale, float("-inf"))
         if LSE_GIVEN:
@@ -136,19 +145,16 @@ def _attn_fwd(Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
             acc0 = acc0 * alpha[:, None]
             acc1 = acc1 * alpha[:, None]
             m_i = m_new
-        v0 = _tile(V, keys, M, sv_n, c0, HEAD_DIM)
-        v1 = _tile(V, keys, M, sv_n, c1, HEAD_DIM)
+        v0, v1 = _halves(V, keys, M, sv_n, c0, c1, HEAD_DIM)
         if not LSE_GIVEN:
             acc0 = tl.dot(p.to(dtype), v0, acc0, input_precision=PREC)
             if HAS_D1:
                 acc1 = tl.dot(p.to(dtype), v1, acc1, input_precision=PREC)
         if TANGENT:
-            tk0 = _tile(TK, keys, M, stk_n, c0, HEAD_DIM)
-            tk1 = _tile(TK, keys, M, stk_n, c1, HEAD_DIM)
+            tk0, tk1 = _halves(TK, keys, M, stk_n, c0, c1, HEAD_DIM)
             ts = _dot_t(tq0, tq1, k0, k1, HAS_D1, PREC) + _dot_t(q0, q1, tk0, tk1, HAS_D1, PREC)
             pts = p * tl.where(ok, ts * scale, 0.0)
-            tv0 = _tile(TV, keys, M, stv_n, c0, HEAD_DIM)
-            tv1 = _tile(TV, keys, M, stv_n, c1, HEAD_DIM)
+            tv0, tv1 = _halves(TV, keys, M, stv_n, c0, c1, HEAD_DIM)
             if not LSE_GIVEN:
                 r_i = r_i * alpha
                 t0 = t0 * alpha[:, None]
@@ -193,9 +199,7 @@ def _attn_bwd_prep(O, TO, GO, GT, MU, DELTA_T, DELTA,
                    HAS_GO: tl.constexpr, HAS_GT: tl.constexpr, BLOCK_M: tl.constexpr):
     """Row statistics of the backward, O(N·d): δt = rowsum(gT∘O), D = rowsum(gO∘O) + rowsum(gT∘tO) − μ·δt."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     c = tl.arange(0, BLOCK_D)
     o = _tile(O + b * so_b + h * so_h, rows, N, so_n, c, HEAD_DIM).to(tl.float32)
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fewstep.kernels.jvp_flash import _dot_t, _load_lse, _store, _tile, _visible
+from fewstep.kernels.jvp_flash import _batch_head, _dot_t, _halves, _load_lse, _store, _visible
 
 
 @triton.jit
@@ -28,9 +28,7 @@ def _attn_bwd_kv(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DK, DV, D
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV, dtK, dtV of one key tile (DK, DV, DTK, DTV share the strides ``sd_*``)."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     dtype = Q.dtype.element_ty
     keys = start_n + tl.arange(0, BLOCK_N)
     c0 = tl.arange(0, D0)
@@ -41,15 +39,11 @@ def _attn_bwd_kv(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DK, DV, D
     GO += b * sgo_b + h * sgo_h
     GT += b * sgt_b + h * sgt_h
     TQ += b * stq_b + h * stq_h
-    k0 = _tile(K, keys, M, sk_n, c0, HEAD_DIM)
-    k1 = _tile(K, keys, M, sk_n, c1, HEAD_DIM)
-    v0 = _tile(V, keys, M, sv_n, c0, HEAD_DIM)
-    v1 = _tile(V, keys, M, sv_n, c1, HEAD_DIM)
+    k0, k1 = _halves(K, keys, M, sk_n, c0, c1, HEAD_DIM)
+    v0, v1 = _halves(V, keys, M, sv_n, c0, c1, HEAD_DIM)
     if HAS_GT:
-        tk0 = _tile(TK + b * stk_b + h * stk_h, keys, M, stk_n, c0, HEAD_DIM)
-        tk1 = _tile(TK + b * stk_b + h * stk_h, keys, M, stk_n, c1, HEAD_DIM)
-        tv0 = _tile(TV + b * stv_b + h * stv_h, keys, M, stv_n, c0, HEAD_DIM)
-        tv1 = _tile(TV + b * stv_b + h * stv_h, keys, M, stv_n, c1, HEAD_DIM)
+        tk0, tk1 = _halves(TK + b * stk_b + h * stk_h, keys, M, stk_n, c0, c1, HEAD_DIM)
+        tv0, tv1 = _halves(TV + b * stv_b + h * stv_h, keys, M, stv_n, c0, c1, HEAD_DIM)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
@@ -65,8 +59,7 @@ def _attn_bwd_kv(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DK, DV, D
     for start_m in range(lo, N, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         in_n = rows < N
-        q0 = _tile(Q, rows, N, sq_n, c0, HEAD_DIM)
-        q1 = _tile(Q, rows, N, sq_n, c1, HEAD_DIM)
+        q0, q1 = _halves(Q, rows, N, sq_n, c0, c1, HEAD_DIM)
         m, z = _load_lse(LSE, bh, N, rows)
         delta = tl.load(DELTA + bh * N + rows, mask=in_n, other=0.0)
         okT = (keys[:, None] < M) & (rows[None, :] < N)                 # (BLOCK_N, BLOCK_M)
@@ -75,8 +68,7 @@ def _attn_bwd_kv(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DK, DV, D
         sT = _dot_t(k0, k1, q0, q1, HAS_D1, PREC) * qk_scale
         pT = tl.where(okT, tl.math.exp2(sT - m[None, :] - z[None, :]), 0.0)
         if HAS_GO:
-            go0 = _tile(GO, rows, N, sgo_n, c0, HEAD_DIM)
-            go1 = _tile(GO, rows, N, sgo_n, c1, HEAD_DIM)
+            go0, go1 = _halves(GO, rows, N, sgo_n, c0, c1, HEAD_DIM)
             dv0 = tl.dot(pT.to(dtype), go0, dv0, input_precision=PREC)
             if HAS_D1:
                 dv1 = tl.dot(pT.to(dtype), go1, dv1, input_precision=PREC)
@@ -84,10 +76,8 @@ def _attn_bwd_kv(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DK, DV, D
         else:
             fT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if HAS_GT:
-            tq0 = _tile(TQ, rows, N, stq_n, c0, HEAD_DIM)
-            tq1 = _tile(TQ, rows, N, stq_n, c1, HEAD_DIM)
-            gt0 = _tile(GT, rows, N, sgt_n, c0, HEAD_DIM)
-            gt1 = _tile(GT, rows, N, sgt_n, c1, HEAD_DIM)
+            tq0, tq1 = _halves(TQ, rows, N, stq_n, c0, c1, HEAD_DIM)
+            gt0, gt1 = _halves(GT, rows, N, sgt_n, c0, c1, HEAD_DIM)
             mu = tl.load(MU + bh * N + rows, mask=in_n, other=0.0)
             delta_t = tl.load(DELTA_T + bh * N + rows, mask=in_n, other=0.0)
             tsT = _dot_t(tk0, tk1, q0, q1, HAS_D1, PREC) + _dot_t(k0, k1, tq0, tq1, HAS_D1, PREC)
@@ -138,9 +128,7 @@ def _attn_bwd_q(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DQ, DTQ,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ and dtQ of one query tile (DQ, DTQ share the strides ``sd_*``)."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     dtype = Q.dtype.element_ty
     rows = start_m + tl.arange(0, BLOCK_M)
     in_n = rows < N
@@ -150,18 +138,14 @@ def _attn_bwd_q(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DQ, DTQ,
     V += b * sv_b + h * sv_h
     TK += b * stk_b + h * stk_h
     TV += b * stv_b + h * stv_h
-    q0 = _tile(Q + b * sq_b + h * sq_h, rows, N, sq_n, c0, HEAD_DIM)
-    q1 = _tile(Q + b * sq_b + h * sq_h, rows, N, sq_n, c1, HEAD_DIM)
+    q0, q1 = _halves(Q + b * sq_b + h * sq_h, rows, N, sq_n, c0, c1, HEAD_DIM)
     m, z = _load_lse(LSE, bh, N, rows)
     delta = tl.load(DELTA + bh * N + rows, mask=in_n, other=0.0)
     if HAS_GO:
-        go0 = _tile(GO + b * sgo_b + h * sgo_h, rows, N, sgo_n, c0, HEAD_DIM)
-        go1 = _tile(GO + b * sgo_b + h * sgo_h, rows, N, sgo_n, c1, HEAD_DIM)
+        go0, go1 = _halves(GO + b * sgo_b + h * sgo_h, rows, N, sgo_n, c0, c1, HEAD_DIM)
     if HAS_GT:
-        tq0 = _tile(TQ + b * stq_b + h * stq_h, rows, N, stq_n, c0, HEAD_DIM)
-        tq1 = _tile(TQ + b * stq_b + h * stq_h, rows, N, stq_n, c1, HEAD_DIM)
-        gt0 = _tile(GT + b * sgt_b + h * sgt_h, rows, N, sgt_n, c0, HEAD_DIM)
-        gt1 = _tile(GT + b * sgt_b + h * sgt_h, rows, N, sgt_n, c1, HEAD_DIM)
+        tq0, tq1 = _halves(TQ + b * stq_b + h * stq_h, rows, N, stq_n, c0, c1, HEAD_DIM)
+        gt0, gt1 = _halves(GT + b * sgt_b + h * sgt_h, rows, N, sgt_n, c0, c1, HEAD_DIM)
         mu = tl.load(MU + bh * N + rows, mask=in_n, other=0.0)
         delta_t = tl.load(DELTA_T + bh * N + rows, mask=in_n, other=0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
@@ -174,10 +158,8 @@ def _attn_bwd_q(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DQ, DTQ,
         hi = tl.minimum(M, start_m + BLOCK_M + causal_shift)
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
-        k0 = _tile(K, keys, M, sk_n, c0, HEAD_DIM)
-        k1 = _tile(K, keys, M, sk_n, c1, HEAD_DIM)
-        v0 = _tile(V, keys, M, sv_n, c0, HEAD_DIM)
-        v1 = _tile(V, keys, M, sv_n, c1, HEAD_DIM)
+        k0, k1 = _halves(K, keys, M, sk_n, c0, c1, HEAD_DIM)
+        v0, v1 = _halves(V, keys, M, sv_n, c0, c1, HEAD_DIM)
         ok = _visible(rows, keys, N, M, causal_shift, CAUSAL)
         s = _dot_t(q0, q1, k0, k1, HAS_D1, PREC) * qk_scale
         p = tl.where(ok, tl.math.exp2(s - m[:, None] - z[:, None]), 0.0)
@@ -186,10 +168,8 @@ def _attn_bwd_q(Q, K, V, TQ, TK, TV, GO, GT, LSE, MU, DELTA_T, DELTA, DQ, DTQ,
         else:
             f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_GT:
-            tk0 = _tile(TK, keys, M, stk_n, c0, HEAD_DIM)
-            tk1 = _tile(TK, keys, M, stk_n, c1, HEAD_DIM)
-            tv0 = _tile(TV, keys, M, stv_n, c0, HEAD_DIM)
-            tv1 = _tile(TV, keys, M, stv_n, c1, HEAD_DIM)
+            tk0, tk1 = _halves(TK, keys, M, stk_n, c0, c1, HEAD_DIM)
+            tv0, tv1 = _halves(TV, keys, M, stv_n, c0, c1, HEAD_DIM)
             ts = _dot_t(tq0, tq1, k0, k1, HAS_D1, PREC) + _dot_t(q0, q1, tk0, tk1, HAS_D1, PREC)
             ts = tl.where(ok, ts * scale, 0.0)
             e = _dot_t(gt0, gt1, v0, v1, HAS_D1, PREC)
