@@ -214,7 +214,7 @@ def bench_step(
     jvp: str = typer.Option("explicit", help="JVP path: explicit (the backbone's own tangent rules) or "
                             "functorch (torch.func.jvp, as the official code)."),
     baseline: str = typer.Option("fm", help="Objective timed in the same process for the ratio ('none': skip; "
-                           "several processes time the objective alone and wrapped instead).")),
+                                 "several processes time the objective alone and wrapped instead)."),
     channels: int = typer.Option(4, help="Synthetic data channels (ImageNet-256 SD-VAE latents: 4)."),
     resolution: int = typer.Option(32, help="Synthetic data side (ImageNet-256 latents: 32)."),
     classes: int = typer.Option(1000, help="Number of classes of the synthetic labels."),
@@ -340,6 +340,34 @@ def bench_sample(
         out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                    "batch": batch, "objective": objective,
                                    "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+
+
+@app.command("compare")
+def compare(
+    run_a: Path = typer.Argument(..., help="Reference run directory (e.g. the 1-GPU run)."),
+    run_b: Path = typer.Argument(..., help="Run compared with it (e.g. the same experiment on N GPUs)."),
+    key: str = typer.Option("loss", help="Logged entry to compare (any key of the status records)."),
+    plot: Optional[Path] = typer.Option(None, help="Also draw both curves into this PNG."),
+    tolerance: Optional[float] = typer.Option(None, help="Exit with status 1 when the mean |A − B| exceeds "
+                                              "this fraction of the mean |A| (for scripts)."),
+) -> None:
+    """Do two runs train the same way? Lists the config settings that differ (separating those that
+    change only how a run executes: GPUs, micro-batches, compile) and compares their logged curves,
+    run B interpolated at run A's kimg."""
+    from fewstep.compare import CompareError, compare_runs, plot as draw, report
+
+    try:
+        result = compare_runs(run_a, run_b, key)
+    except (CompareError, OSError, ValueError) as exc:
+        _fail(exc)
+    for line in report(result, str(run_a), str(run_b)):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if plot is not None:
+        console.print(f"wrote {draw(result, plot, 'A', 'B')}", highlight=False)
+    if tolerance is not None and result.relative_diff > tolerance:
+        err.print(f"{key} differs by {100 * result.relative_diff:.2f}% of its mean, more than "
+                  f"{100 * tolerance:g}%", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command("list")
