@@ -36,3 +36,29 @@ def test_kernel_table_states_time_share_and_launches():
 def test_bench_step_without_a_gpu_says_so():
     out = CliRunner().invoke(app, ["bench", "step", "--profile", "5"])
     assert out.exit_code != 0 and "needs a CUDA GPU" in out.output
+
+
+@pytest.mark.parametrize("objective", ["tvm", "fm"])
+def test_bench_objective_runs_full_steps_and_counts_the_objectives_flops(objective):
+    """The 1-GPU benchmark's wiring (build, optimizer, timed steps, FLOPs), on a tiny DiT on the CPU."""
+    from fewstep.bench.step import bench_objective
+    from fewstep.build import resolve
+    from fewstep.config import apply_overrides
+    from fewstep.contracts import DataSpec
+    from fewstep.registry import recipes
+
+    sets = ["backbone.depth=2", "backbone.hidden_size=32", "backbone.num_heads=2", "backbone.patch_size=4"]
+    cfg = resolve(apply_overrides(recipes.get("smoke")(objective), sets))
+    spec = DataSpec(name="synthetic", channels=1, resolution=16, num_classes=10, num_items=4)
+    logs: list[str] = []
+    r = bench_objective(cfg, spec, batch=4, steps=2, warmup=1, compile=False, device=torch.device("cpu"),
+                        log=logs.append)
+    assert (r.objective, r.batch, len(r.times)) == (objective, 4, 2) and r.s_per_step > 0
+    assert r.kernels_per_step is None and r.mfu is None and r.top_kernels == []   # nothing to profile on a CPU
+    assert logs[0].startswith(f"{objective}: built in") and logs[1].startswith(f"{objective}: warm-up step 1/1")
+    per_forward = 11 if objective == "tvm" else 3                  # TVM: JVP 2F + its backward 4F + teacher 2F + FM 3F
+    from fewstep.build import build_objective
+
+    with torch.device("cpu"):
+        F = build_objective(cfg, spec).backbone.forward_flops(1)
+    assert r.flops_per_step == pytest.approx(per_forward * F * 4)

@@ -172,19 +172,23 @@ def release() -> None:
 
 def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
                     compile: bool, functorch: bool = False, checkpointing: bool = False,
-                    profile_kernels: bool = True, top: int = 0, log=print) -> StepResult:
+                    profile_kernels: bool = True, top: int = 0, device: torch.device | None = None,
+                    log=print) -> StepResult:
     """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
     (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules; ``top``: keep
-    the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``)."""
+    the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``; ``device``: default
+    the current GPU; on a CPU, for tests, times are wall-clock and no kernels are profiled)."""
     setup = setup_step(cfg, spec, batch=batch, compile=compile, checkpointing=checkpointing, functorch=functorch,
-                       log=log)
-    times, peak = timed(setup.step, warmup=warmup, steps=steps, name=cfg.objective.name, log=log)
-    profiled = _profile_kernels(setup.step) if profile_kernels or top else None
+                       device=device, log=log)
+    device = setup.x.device
+    times, peak = timed(setup.step, warmup=warmup, steps=steps, name=cfg.objective.name, device=device, log=log)
+    profiling = (profile_kernels or top) and device.type == "cuda"
+    profiled = _profile_kernels(setup.step) if profiling else None
     kernels = sum(k.calls for k in profiled) if profiled is not None else None
     median = statistics.median(times)
     objective = setup.objective
     flops = objective.flops_per_sample(objective.backbone.forward_flops(1)) * batch
-    peak_flops_s = peak_flops(setup.x.device)
+    peak_flops_s = peak_flops(device)
     result = StepResult(objective=cfg.objective.name, batch=batch, compiled=compile, checkpointing=checkpointing,
                         s_per_step=median,
                         images_per_s=batch / median, peak_gib=peak, kernels_per_step=kernels,
