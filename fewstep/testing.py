@@ -231,7 +231,8 @@ def check_objective_config(cls: type[Objective]) -> None:
 
 def check_loss(objective: Objective, batch: int = 4, seed: int = 0) -> LossOutput:
     """One training forward on a random batch: LossOutput with a finite 0-d float ``loss``, (B,)
-    ``per_sample`` and scalar, detached ``logs``; flops_per_sample ≥ 3 F and linear in F."""
+    ``per_sample`` and scalar, detached ``logs`` (with the ``progress_log`` entry); flops_per_sample ≥ 3 F
+    and linear in F."""
     spec, dev = spec_of(objective), _device(objective)
     x, y = _batch(spec, batch, seed, dev)
     out = objective.train()(x, y, _gen(dev, seed), 0)
@@ -254,6 +255,9 @@ def check_loss(objective: Objective, batch: int = 4, seed: int = 0) -> LossOutpu
         logs = {k: round(float(v), 6) for k, v in out.logs.items()}
         _fail(objective, f"loss is {loss.item()} on a random batch: not finite (per-sample {per.tolist()}, "
                          f"logs {logs}); check divisions by t or t − s, logs of 0 and square roots near 0")
+    key = getattr(objective, "progress_log", "loss")
+    if key != "loss" and key not in out.logs:
+        _fail(objective, f"progress_log is {key!r}, which the logs do not have (logged: {', '.join(sorted(out.logs))})")
     f1, f2 = objective.flops_per_sample(1.0), objective.flops_per_sample(2.0)
     if not (math.isfinite(f1) and f1 >= 3.0 and math.isclose(f2, 2 * f1, rel_tol=1e-9)):
         _fail(objective, f"flops_per_sample(F) must be ≥ 3 F (a forward and its backward) and linear in F, "

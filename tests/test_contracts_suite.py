@@ -159,6 +159,8 @@ def ignores_s_forward(self, x, y, generator=None, nimg=0):   # a two-time object
      r"per_sample must be a float tensor of shape \(B,\) = \(4,\), got shape \(4, 1\)"),
     (broken("detached", forward=detached_forward), check_gradients, "the loss has no gradient graph: it was detached"),
     (broken("nan", forward=nan_forward), check_loss, r"loss is nan on a random batch: not finite"),
+    (broken("bad-progress-log", progress_log="loss_raw"), check_loss,
+     r"progress_log is 'loss_raw', which the logs do not have \(logged: "),
     (broken("global-rng", forward=global_rng_forward), check_determinism,
      "same generator seed gave different losses.*never the global RNG"),
     (broken("in-place", forward=inplace_forward), check_inputs_untouched, "forward modified its input 'x' in place"),
