@@ -86,8 +86,9 @@ class TrainConfig:
             step) and logged; after this many consecutive skipped steps training stops with an error.
         max_minutes: wall-clock training budget in minutes, summed over resumes (``None``: no budget;
             each invocation's clock starts after its first step, so compiling and warm-up are free).
-            Training stops after the first step that ends past it, with a final checkpoint; the run
-            then counts as finished, like one that reached ``total_kimg``.
+            Training stops after the step during which it ran out (the clock is read once per step,
+            before the optimizer update; with several processes, any rank's clock stops all of them), with
+            a final checkpoint; the run then counts as finished, like one that reached ``total_kimg``.
         compile: ``torch.compile`` the backbones' blocks (:mod:`fewstep.compiling`; CUDA). Same
             results up to float rounding; the first steps take longer while graphs compile.
         activation_checkpointing: recompute each block's activations (and tangents) in backward:

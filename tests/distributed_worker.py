@@ -1,7 +1,7 @@
 """Worker of tests/test_distributed.py, and its single-process reference.
 
 Launched as ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT DATA JOBS`` (gloo, CPU).
-``JOBS`` is a JSON list of ``{"name", "objective", "mode", "steps", "run"?, "sets"?}``: each job trains the
+``JOBS`` is a JSON list of ``{"name", "objective", "mode", "steps", "run"?, "sets"?, "fast_clock_rank"?}``: each job trains the
 tiny config :func:`tiny_config` (with the ``--set``-style overrides ``sets``) through the real :func:`fewstep.train.train` in ``OUT/<run or name>/run``
 (``run`` names an earlier job's directory to resume it). Per job and rank ``r`` it writes, outside the
 run directory:
@@ -123,6 +123,18 @@ class WriteAudit:
             self.writes.append([event, os.path.relpath(path, self.root)])
 
 
+class FastClock:
+    """A stand-in for the trainer's ``time`` module whose ``time()`` runs 10 000× faster than the real one."""
+
+    def __init__(self, speed: float = 1e4) -> None:
+        import time
+
+        self.start, self.speed, self._time = time.time(), speed, time
+
+    def time(self) -> float:
+        return self.start + (self._time.time() - self.start) * self.speed
+
+
 def main(out: str, data: str, jobs: list[dict]) -> None:
     import fewstep.train.loop as loop
     from fewstep.train import train
@@ -134,12 +146,16 @@ def main(out: str, data: str, jobs: list[dict]) -> None:
     real_build = loop.build_objective
     loop.build_objective = lambda *a, **k: built.append(real_build(*a, **k)) or built[-1]
     audit = WriteAudit()
+    real_time = loop.time
     for job in jobs:
         built.clear()
         run = Path(out) / job.get("run", job["name"]) / "run"
         cfg = tiny_config(data, job["objective"], job["steps"], job["mode"], job.get("sets"))
         audit.root, audit.writes = str(run.resolve()), []
+        # ``fast_clock_rank``: that rank's trainer clock runs 10 000× fast (its time budget runs out first)
+        loop.time = FastClock() if job.get("fast_clock_rank") == rank else real_time
         result = train(cfg, run, show_progress=False)
+        loop.time = real_time
         audit.root = None
         objective = built[0]   # the trained one; later builds are rank 0's plain copies for sampling (FSDP2)
         state = {k: full(v).detach().contiguous().clone() for k, v in objective.state_dict().items()}

@@ -44,6 +44,8 @@ DDP_JOBS = [
      "sets": {"train.batch_per_gpu": 2, "train.grad_clip": 0.5}},
     {"name": "tvm-resumed", "run": "tvm", "objective": "tvm", "mode": "ddp", "steps": 5},
     {"name": "tvm-5", "objective": "tvm", "mode": "ddp", "steps": 5},
+    {"name": "budget", "objective": "fm", "mode": "ddp", "steps": 40, "fast_clock_rank": 1,
+     "sets": {"train.max_minutes": 1.0}},
 ]
 FSDP2_JOBS = [
     {"name": "tvm", "objective": "tvm", "mode": "fsdp2", "steps": 3},
@@ -129,7 +131,7 @@ def test_only_rank_0_writes(mode, request):
     for job in DDP_JOBS if mode == "ddp" else FSDP2_JOBS:
         assert report(out, job["name"], 1)["writes"] == [], f"rank 1 wrote in the run directory ({job['name']})"
         written = {path for _, path in report(out, job["name"], 0)["writes"]}
-        step = f"checkpoint-{job['steps']:08d}"
+        step = f"checkpoint-{report(out, job['name'], 0)['step']:08d}"   # the final one (a budget ends early)
         assert {"config.json", "log.jsonl", "samples/final.png", step} <= written, written   # step: the rename
         files = {p.name for p in (out / job.get("run", job["name"]) / "run" / step).iterdir()}
         assert {"objective.safetensors", "optimizer.safetensors", "rng-rank0.safetensors",
@@ -173,3 +175,12 @@ def test_launchers_fewstep_cannot_honour_are_refused():
     check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), "fsdp2")
     with pytest.raises(ConfigError, match="train.distributed must be one of 'ddp', 'fsdp2'"):
         apply_overrides(tiny_config("x", "tvm", 1), ["train.distributed=fsdp"])
+
+
+def test_a_time_budget_stops_every_rank_at_the_same_step(ddp):
+    """Rank 1's trainer clock runs 10 000× fast: its 1-minute budget runs out within the first steps,
+    while rank 0's would take a minute. The budget decision is reduced over ranks, so both stop after
+    the same step (a rank stopping alone would leave the other waiting in its next all-reduce)."""
+    steps = [report(ddp, "budget", r)["step"] for r in range(WORLD)]
+    assert steps[0] == steps[1] and 2 <= steps[0] < 40, steps
+    assert_identical(*states(ddp, "budget"), "budget: rank 0 vs rank 1")

@@ -90,7 +90,7 @@ class BadStep:
 class BadSteps:
     """Per-step non-finite detection with one host sync per step.
 
-    Call :meth:`observe` on each micro-batch's :class:`LossOutput`, then :meth:`is_bad` with the global
+    Call :meth:`observe` on each micro-batch's :class:`LossOutput`, then :meth:`verdict` with the global
     gradient norm (and, on several processes, a reduce function), then :meth:`record` the verdict.
 
     Attributes:
@@ -107,14 +107,18 @@ class BadSteps:
     def observe(self, out: LossOutput) -> None:
         self._outs.append(out)
 
-    def is_bad(self, grad_norm: Tensor | None, reduce: Any = None) -> bool:
-        """Whether any process saw a non-finite loss, or the (global) gradient norm is non-finite."""
-        flags = torch.stack([~torch.isfinite(o.loss.detach()).reshape(()) for o in self._outs]).any().float()
+    def verdict(self, grad_norm: Tensor | None, reduce: Any = None, stop: bool = False) -> tuple[bool, bool]:
+        """(bad, stop) for this step, from one reduction over processes (the step's one host sync):
+        bad when any process saw a non-finite loss or the (global) gradient norm is non-finite; stop when
+        any process passed ``stop=True`` (its clock is past the time budget), so all stop together."""
+        bad = torch.stack([~torch.isfinite(o.loss.detach()).reshape(()) for o in self._outs]).any().float()
         if grad_norm is not None:
-            flags = flags + (~torch.isfinite(torch.as_tensor(grad_norm, device=flags.device))).float()
+            bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))).float()
+        flags = torch.stack([bad, torch.tensor(float(stop), device=bad.device)])
         if reduce is not None:
             flags = reduce(flags)
-        return bool(flags > 0)
+        any_bad, any_stop = (flags > 0).tolist()
+        return any_bad, any_stop
 
     def describe(self, grad_norm: Tensor | None) -> BadStep:
         """Which terms went bad in this step's micro-batches (call only for a bad step: it syncs)."""

@@ -257,7 +257,10 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             # Global gradient norm (after unscaling, over all ranks); with no clipping, max_norm=∞ scales by 1.
             grad_norm = parallel.grad_norm(
                 accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip is not None else math.inf))
-            bad = guard.is_bad(grad_norm, reduce_sum)   # the one host sync of a step
+            # The one host sync of a step: bad step? past the time budget (any rank's clock, read before
+            # the update)? Every rank gets the same answers, so all skip or stop together.
+            past_budget = loop_start is not None and train_seconds() >= budget
+            bad, over = guard.verdict(grad_norm, reduce_sum, stop=past_budget)
             if bad:
                 info = guard.describe(grad_norm)
                 optimizer.zero_grad(set_to_none=True)
@@ -275,9 +278,6 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                 ticks += 1
             step, nimg = step + 1, nimg + t.batch
             loop_start = loop_start or time.time()
-            over = train_seconds() >= budget
-            if reduce_sum is not None and budget < math.inf:   # stop on every rank together
-                over = bool(reduce_sum(torch.tensor(float(over), device=device)) > 0)
             done = nimg >= total_nimg or over
             if nimg >= next_at["status"] or done:
                 elapsed = time.time() - tick_start
