@@ -74,7 +74,7 @@ def bench_scaling(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, war
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda,
                               mixed_precision="bf16" if (cuda and cfg.train.precision == "bf16") else "no")
-    parallel = Parallel(cfg.train.distributed, accelerator)
+    parallel = Parallel(cfg.train.distributed, accelerator)   # also destroys the group at exit
     device, rank = accelerator.device, accelerator.process_index
     say = log if accelerator.is_main_process else (lambda message: None)
     name = cfg.objective.name

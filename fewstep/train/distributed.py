@@ -75,6 +75,7 @@ class Parallel:
 
     def __init__(self, mode: str, accelerator: Accelerator):
         check_launch(accelerator, mode)
+        destroy_group_at_exit()   # also when training fails
         self.mode, self.accelerator = mode, accelerator
         self.world = accelerator.num_processes
         self.fsdp = mode == "fsdp2"
@@ -86,7 +87,7 @@ class Parallel:
         re-create it); it is destroyed when the interpreter exits."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
-        _destroy_group_at_exit()
+        destroy_group_at_exit()
 
     # -- setup ----------------------------------------------------------------------------------
     def shard(self, objective: nn.Module) -> nn.Module:
@@ -206,8 +207,12 @@ class Parallel:
 _exit_hook = []
 
 
-def _destroy_group_at_exit() -> None:
-    """Destroy the default process group at interpreter exit (once), as NCCL asks."""
+def destroy_group_at_exit() -> None:
+    """Destroy the default process group at interpreter exit (once), while the interpreter is whole.
+
+    Every multi-process entry point calls this after its process group exists. NCCL asks for it, and
+    with gloo a process that exits without it can die with SIGABRT ("terminate called without an active
+    exception") while its worker threads are torn down during interpreter finalisation."""
     if _exit_hook or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
 
