@@ -266,15 +266,20 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def run_block(self, block: nn.Module, *args: Tensor | None):
-        """``block(*args)``, recomputed in backward when activation checkpointing is on."""
-        if self.activation_checkpointing and torch.is_grad_enabled():
+        """``block(*args)``, recomputed in backward when activation checkpointing covers this block."""
+        if self.activation_checkpointing and torch.is_grad_enabled() and getattr(block, "recompute", True):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each block's activations (and tangents) in backward instead of storing them:
-        about one more forward per step for a fraction of the activation memory."""
+    def set_activation_checkpointing(self, enabled: bool, blocks: int | None = None) -> None:
+        """Recompute block activations (and tangents) in backward instead of storing them: about one
+        more forward per step for a fraction of the activation memory. ``blocks``: only the first this
+        many blocks (``None``: all); memory saved and recompute both scale with it."""
+        if blocks is not None and blocks < 0:
+            raise ValueError(f"blocks must be ≥ 0 (or None: all), got {blocks}")
         self.activation_checkpointing = bool(enabled)
+        for i, block in enumerate(self.blocks):
+            block.recompute = blocks is None or i < blocks
 
     @staticmethod
     def tokens(patches: Tensor) -> Tensor:

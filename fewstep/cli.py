@@ -210,7 +210,8 @@ def bench_step(
     recipe: str = typer.Option("imagenet-256-tvm-w2", help="Recipe giving architecture, precision and optimizer."),
     batch: int = typer.Option(32, help="Images per step (one GPU)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the backbones' blocks (regional)."),
-    checkpointing: bool = typer.Option(False, "--checkpointing", help="Activation checkpointing of every block."),
+    checkpointing: bool = typer.Option(False, "--checkpointing", help="Activation checkpointing of every block "
+                                       "(of the first N with --set train.checkpoint_blocks=N)."),
     jvp: str = typer.Option("explicit", help="JVP path: explicit (the backbone's own tangent rules) or "
                             "functorch (torch.func.jvp, as the official code)."),
     baseline: str = typer.Option("fm", help="Objective timed in the same process for the ratio ('none': skip; "

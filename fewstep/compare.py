@@ -19,7 +19,8 @@ from fewstep.build import config_changes
 
 # Settings that change how a run executes, not what it computes (up to floating-point order).
 EXECUTION_KEYS = frozenset({"train.distributed", "train.batch_per_gpu", "train.compile",
-                            "train.activation_checkpointing", "train.max_minutes", "train.status_kimg",
+                            "train.activation_checkpointing", "train.checkpoint_blocks", "train.max_minutes",
+                            "train.status_kimg",
                             "train.checkpoint_kimg", "train.sample_kimg", "train.keep_checkpoints"})
 
 

@@ -14,12 +14,16 @@ import torch
 from torch import nn
 
 
-def set_activation_checkpointing(objective: nn.Module, enabled: bool = True) -> None:
+def set_activation_checkpointing(objective: nn.Module, enabled: bool = True, blocks: int | None = None) -> None:
     """Switch activation checkpointing on every backbone in ``objective`` that offers it
-    (``set_activation_checkpointing``: the DiT recomputes each block in backward)."""
+    (``set_activation_checkpointing``: the DiT recomputes each block in backward); ``blocks``: only the
+    first this many blocks (``None``: all; passed only when given, for backbones without the option)."""
     for module in objective.modules():
         if hasattr(module, "set_activation_checkpointing"):
-            module.set_activation_checkpointing(enabled)
+            if blocks is None:
+                module.set_activation_checkpointing(enabled)
+            else:
+                module.set_activation_checkpointing(enabled, blocks=blocks)
 
 
 def compile_objective(objective: nn.Module, mode: str | None = None) -> int:

@@ -93,6 +93,9 @@ class TrainConfig:
             results up to float rounding; the first steps take longer while graphs compile.
         activation_checkpointing: recompute each block's activations (and tangents) in backward:
             less memory for about one more forward per step.
+        checkpoint_blocks: with ``activation_checkpointing``, recompute only the first this many
+            blocks (``None``: all): memory and recompute both scale with the number, so pick the
+            smallest that fits (``fewstep bench step --checkpointing --set train.checkpoint_blocks=N``).
         distributed: with several processes, ``ddp`` (every rank holds the model; Accelerate's DDP
             wraps the objective) or ``fsdp2`` (parameters, EMA tracks and teacher sharded over ranks
             with ``fully_shard``); see :mod:`fewstep.train.distributed` and docs/distributed.md.
@@ -118,11 +121,14 @@ class TrainConfig:
     max_minutes: float | None = None
     compile: bool = False
     activation_checkpointing: bool = False
+    checkpoint_blocks: int | None = None
     distributed: Literal["ddp", "fsdp2"] = "ddp"
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"train.max_minutes must be > 0 (or none), got {self.max_minutes}")
+        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
+            raise ConfigError(f"train.checkpoint_blocks must be ≥ 0 (or none: all), got {self.checkpoint_blocks}")
 
 
 @dataclass(kw_only=True)

@@ -119,13 +119,14 @@ def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, che
     from fewstep.compiling import compile_objective, set_activation_checkpointing
 
     device = device or torch.device("cuda", torch.cuda.current_device())
+    checkpointing = checkpointing or cfg.train.activation_checkpointing   # --checkpointing or --set
     torch.manual_seed(0)     # every rank builds the same weights
     started = time.perf_counter()
     with device:             # initialise on the GPU (spectral init's SVDs are slow on a CPU)
         objective = build_objective(cfg, spec)
     log(f"{cfg.objective.name}: built in {time.perf_counter() - started:.1f} s")
     if checkpointing:
-        set_activation_checkpointing(objective)
+        set_activation_checkpointing(objective, blocks=cfg.train.checkpoint_blocks)
     if compile:
         compile_objective(objective)
     objective.train()
@@ -178,6 +179,7 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
     (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules; ``top``: keep
     the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``; ``device``: default
     the current GPU; on a CPU, for tests, times are wall-clock and no kernels are profiled)."""
+    checkpointing = checkpointing or cfg.train.activation_checkpointing
     setup = setup_step(cfg, spec, batch=batch, compile=compile, checkpointing=checkpointing, functorch=functorch,
                        device=device, log=log)
     device = setup.x.device

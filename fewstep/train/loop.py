@@ -104,7 +104,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     torch.manual_seed(t.seed * 1000 + rank)
     objective = build_objective(cfg, spec).to(device)
     if t.activation_checkpointing:
-        set_activation_checkpointing(objective)
+        set_activation_checkpointing(objective, blocks=t.checkpoint_blocks)
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
     guard = BadSteps(limit=t.max_bad_steps)
 
