@@ -568,7 +568,8 @@ def bench_data(
 def sweep(
     objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe every member starts from, e.g. fashion-mnist-sweep or toy2d."),
-    out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished members and resumes the others."),
+    out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished members and resumes the "
+                             "others (a larger --kimg/--minutes trains finished members on)."),
     file: Optional[Path] = typer.Option(None, "--file", help="Sweep file (.toml or .json): settings and members with "
                                         "their own overrides; options given here win over it (docs/sweeps.md)."),
     kimg: Optional[float] = typer.Option(None, help="Training length per member in thousands of images (default: the recipe's)."),

@@ -177,3 +177,21 @@ def test_the_cli_runs_an_image_sweep_with_the_classifier_metric(fashion_dir, tmp
     args[args.index("--num") + 1] = "64"
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "num: 32 → 64" in " ".join(res.output.split())
+
+
+def test_a_larger_budget_trains_finished_members_on_and_evaluates_them_again(tmp_path):
+    out, lines = tmp_path / "sweep", []
+    run_sweep(toy_spec("fm"), out, log=lambda m: None)
+    first = json.loads((out / "fm" / "eval.json").read_text())
+    assert first["checkpoint_step"] == 10
+    again = run_sweep(toy_spec("fm", kimg=5.12), out, log=lines.append)
+    assert again.ran == ["fm"] and not again.skipped
+    assert any(line.startswith("budget changed (kimg: 2.56 → 5.12)") for line in lines), lines
+    steps = log_steps(out / "fm")
+    assert steps[-1] == 20 and steps.count(1) == 1 and steps.count(11) == 1         # resumed, not restarted
+    assert json.loads((out / "fm" / "eval.json").read_text())["checkpoint_step"] == 20
+    row = next(csv.DictReader(open(out / "results.csv")))
+    assert row["steps"] == "20" and float(row["kimg"]) == 5.12
+    assert json.loads((out / "sweep.json").read_text())["kimg"] == 5.12
+    with pytest.raises(SweepError, match=r"another spec \(num: 200 → 300\).*only kimg and minutes"):
+        run_sweep(toy_spec("fm", kimg=7.68, num=300), out, log=lambda m: None)

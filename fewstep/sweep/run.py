@@ -52,8 +52,9 @@ class SweepResult:
     files: list[Path] = field(default_factory=list)
 
 
-def prepare(spec: SweepSpec, sweep_dir: Path) -> SweepSpec:
-    """Check every member's config (before any compute), resolve ``metric``, and save or compare ``sweep.json``."""
+def prepare(spec: SweepSpec, sweep_dir: Path, log: Callable[[str], None] = lambda message: None) -> SweepSpec:
+    """Check every member's config (before any compute), resolve ``metric``, and save or compare ``sweep.json``
+    (a changed budget is saved and logged: members then train on)."""
     from fewstep.data import load_dataset
 
     configs = [member_config(spec, m) for m in spec.members]
@@ -62,7 +63,8 @@ def prepare(spec: SweepSpec, sweep_dir: Path) -> SweepSpec:
         raise SweepError(f"members train on different data {sorted(map(str, data))}; a sweep compares on one dataset")
     kind = load_dataset(configs[0].data).spec.kind
     spec = dataclasses.replace(spec, metric=resolve_metric(spec, configs[0], kind))
-    check_saved(sweep_dir, spec)
+    for change in check_saved(sweep_dir, spec):
+        log(f"budget changed ({change}): members train on from their checkpoints and are evaluated again")
     return spec
 
 
@@ -94,7 +96,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
     sweep_dir = Path(sweep_dir)
     if parallel < 1:
         raise SweepError(f"--parallel must be ≥ 1, got {parallel}")
-    spec = prepare(spec, sweep_dir)
+    spec = prepare(spec, sweep_dir, log)
     result = SweepResult(sweep_dir)
     todo = []
     for member in spec.members:

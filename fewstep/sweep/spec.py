@@ -243,22 +243,33 @@ def resolve_metric(spec: SweepSpec, cfg: RunConfig, data_kind: str) -> str:
     return metric
 
 
-def check_saved(sweep_dir: Path, spec: SweepSpec) -> None:
-    """Write ``sweep.json``, or refuse when the one already there differs (naming every difference)."""
+# Spec keys a rerun may change: the training budget. Members then train on from their checkpoints (as
+# `fewstep train` allows a longer total_kimg or max_minutes) and are evaluated again.
+BUDGET_KEYS = ("kimg", "minutes")
+
+
+def check_saved(sweep_dir: Path, spec: SweepSpec) -> list[str]:
+    """Write ``sweep.json``, or refuse when the one already there differs in anything but the budget
+    (naming every difference). Returns the budget changes (``key: old → new``), already saved."""
     path = sweep_dir / SPEC_FILE
     new = spec_to_dict(spec)
     if path.exists():
         old = json.loads(path.read_text())
-        diffs = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-                 if old.get(k) != new.get(k)]
-        if diffs:
-            raise SweepError(f"{sweep_dir} holds a sweep with another spec ({'; '.join(diffs)}); use another "
-                             f"--out directory, or the same settings to resume it")
-        return
+        diffs = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        text = {k: f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diffs}
+        fixed = [text[k] for k in diffs if k not in BUDGET_KEYS]
+        if fixed:
+            raise SweepError(f"{sweep_dir} holds a sweep with another spec ({'; '.join(fixed)}); use another "
+                             f"--out directory, or the same settings to resume it (only kimg and minutes, the "
+                             f"budget, may change)")
+        if not diffs:
+            return []
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    changes = [text[k] for k in diffs] if path.exists() else []
     tmp = sweep_dir / f".{SPEC_FILE}.tmp"
     tmp.write_text(json.dumps(new, indent=1) + "\n")
     os.replace(tmp, path)
+    return changes
 
 
 __all__ = ["Member", "SweepError", "SweepSpec", "check_saved", "load_sweep_file", "member_config",
