@@ -634,7 +634,17 @@ def sweep(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app()
+        return
+    try:          # one of several processes (torchrun / accelerate launch): end without finalisation
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    from fewstep.train.distributed import exit_process
+
+    exit_process(code)
 
 
 if __name__ == "__main__":

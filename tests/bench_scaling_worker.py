@@ -53,3 +53,6 @@ def main(out: str, mode: str, objective: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    from fewstep.train.distributed import exit_process
+
+    exit_process(0)   # as fewstep's CLI ends its ranks: no interpreter finalisation (gloo could abort there)

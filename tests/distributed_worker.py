@@ -168,3 +168,6 @@ def main(out: str, data: str, jobs: list[dict]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+    from fewstep.train.distributed import exit_process
+
+    exit_process(0)   # as fewstep's CLI ends its ranks: no interpreter finalisation (gloo could abort there)

@@ -155,6 +155,18 @@ def test_two_processes_give_the_same_fid_as_one(run_dir, ref_path, tmp_path):
     assert "FID (30 images, step 7): 1 NFE" in res.stdout
 
 
+def test_a_failing_multi_process_command_exits_with_its_error(ref_path, tmp_path):
+    """The CLI ends each rank with os._exit (fewstep.train.distributed.exit_process): a failure keeps its
+    status and message, and no rank waits in a barrier for a rank that failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "--",
+           "fewstep.cli", "eval", "--run", str(tmp_path / "missing"), "--ref", str(ref_path), "--nfe", "1",
+           "--num", "8", "--extractor", "random-projection", "--no-progress"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "error:" in res.stderr and "missing" in res.stderr
+    assert "exitcode  : 2" in res.stderr, res.stderr[-2000:]
+
+
 runner = CliRunner()
 
 

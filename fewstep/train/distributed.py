@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-from typing import Any, Callable, Iterator
+import os
+import sys
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -205,6 +207,22 @@ class Parallel:
 
 
 _exit_hook = []
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process of a multi-process launch with exit status ``code``, skipping interpreter finalisation.
+
+    After a successful command every rank waits for the others and destroys the process group; then
+    output is flushed and the process ends with ``os._exit``. Letting the interpreter finalise instead
+    sometimes aborted gloo ranks ("terminate called without an active exception", SIGABRT, no Python
+    frame: C++ threads torn down during finalisation), which failed commands that had finished their
+    work. Everything fewstep writes is complete (atomic renames) before this point."""
+    if code == 0 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def destroy_group_at_exit() -> None:
