@@ -28,6 +28,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, cuda: bool) -> torch.optim.AdamW:
+    """The trainer's AdamW over ``params`` (``train.lr``, ``betas``, ``eps``, ``weight_decay``), fused on CUDA."""
+    t = cfg.train
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+                             fused=cuda or None)
+
+
 def build_objective(cfg: RunConfig, spec: DataSpec) -> Objective:
     """Build the backbone for ``spec`` and wrap it in the configured objective (with EMA tracks)."""
     cls = objectives.get(cfg.objective.name)

@@ -254,8 +254,9 @@ def bench_step(
 
     console.print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "
                   f"{configs[0].backbone.name} · batch {batch} · {configs[0].train.precision}", highlight=False)
+    checkpointing = checkpointing or configs[0].train.activation_checkpointing   # the flag, or --set
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun / accelerate launch: data-parallel scaling
-        _bench_scaling(configs[:1], spec, batch, steps, warmup, compile, checkpointing, out)
+        _bench_scaling(configs[0], spec, batch, steps, warmup, compile, checkpointing, out)
         return
     results = []
     for cfg in configs:
@@ -275,9 +276,9 @@ def bench_step(
                                    "results": [dataclasses.asdict(r) for r in results]}, indent=1))
 
 
-def _bench_scaling(configs, spec, batch: int, steps: int, warmup: int, compile: bool, checkpointing: bool,
+def _bench_scaling(cfg: RunConfig, spec, batch: int, steps: int, warmup: int, compile: bool, checkpointing: bool,
                    out: Optional[Path]) -> None:
-    """``bench step`` under several processes: each objective alone and wrapped on every rank."""
+    """``bench step`` under several processes: the objective alone and wrapped on every rank."""
     import dataclasses
 
     import torch
@@ -286,15 +287,14 @@ def _bench_scaling(configs, spec, batch: int, steps: int, warmup: int, compile: 
 
     main = int(os.environ.get("RANK", "0")) == 0
     say = (lambda m: console.print(m, highlight=False)) if main else (lambda m: None)
-    results = [bench_scaling(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
-                             checkpointing=checkpointing, log=say) for cfg in configs]
-    for r in results:
-        say(scaling_line(r))
+    r = bench_scaling(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
+                      checkpointing=checkpointing, log=say)
+    say(scaling_line(r))
     if out is not None and main:
         out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "world": results[0].world, "batch_per_gpu": batch, "compile": compile,
+                                   "world": r.world, "batch_per_gpu": batch, "compile": compile,
                                    "results": [{**dataclasses.asdict(r), "efficiency": r.efficiency,
-                                                "images_per_s": r.images_per_s} for r in results]}, indent=1))
+                                                "images_per_s": r.images_per_s}]}, indent=1))
 
 
 @bench_app.command("sample")

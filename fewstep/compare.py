@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from fewstep.build import config_changes
+from fewstep.train.status import status_records
 
 # Settings that change how a run executes, not what it computes (up to floating-point order).
 EXECUTION_KEYS = frozenset({"train.distributed", "train.batch_per_gpu", "train.compile",
                             "train.activation_checkpointing", "train.checkpoint_blocks", "train.max_minutes",
-                            "train.status_kimg",
-                            "train.checkpoint_kimg", "train.sample_kimg", "train.keep_checkpoints"})
+                            "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
+                            "train.keep_checkpoints"})
 
 
 class CompareError(ValueError):
@@ -75,16 +76,9 @@ class Comparison:
 
 def read_curve(run_dir: str | Path, key: str = "loss") -> Curve:
     """The ``key`` entry of every status record in ``run_dir/log.jsonl`` (a torn last line is ignored)."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
+    if not (Path(run_dir) / "log.jsonl").is_file():
         raise CompareError(f"{run_dir}: no log.jsonl (is it a fewstep run directory?)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    status = [r for r in records if "event" not in r and "kimg" in r]
+    status = status_records(run_dir)
     points = sorted((float(r["kimg"]), float(r[key])) for r in status if key in r)
     if not points:
         known = sorted({k for r in status for k in r} - {"step", "kimg", "time"})

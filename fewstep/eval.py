@@ -151,11 +151,7 @@ def _progress(enabled: bool):
 def _accelerator():
     from accelerate import Accelerator
 
-    from fewstep.train.distributed import destroy_group_at_exit
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    destroy_group_at_exit()
-    return accelerator
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def _write_json(path: Path, body: dict) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from fewstep.backbones.inputs import trusted_labels
 from fewstep.bench import cuda_times
-from fewstep.build import build_objective
+from fewstep.build import build_objective, build_optimizer
 from fewstep.config import RunConfig
 from fewstep.contracts import DataSpec
 from fewstep.train.status import peak_flops
@@ -104,11 +104,9 @@ class StepSetup:
         self.objective.after_step()
 
     def new_optimizer(self, cfg: RunConfig) -> None:
-        """A fresh fused AdamW over the objective's current parameters (after FSDP2 sharding)."""
+        """A fresh trainer AdamW over the objective's current parameters (after FSDP2 sharding)."""
         params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps,
-                                           weight_decay=cfg.train.weight_decay,
-                                           fused=self.x.device.type == "cuda" or None)
+        self.optimizer = build_optimizer(params, cfg, self.x.device.type == "cuda")
 
 
 def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, checkpointing: bool = False,
@@ -119,7 +117,6 @@ def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, che
     from fewstep.compiling import compile_objective, set_activation_checkpointing
 
     device = device or torch.device("cuda", torch.cuda.current_device())
-    checkpointing = checkpointing or cfg.train.activation_checkpointing   # --checkpointing or --set
     torch.manual_seed(0)     # every rank builds the same weights
     started = time.perf_counter()
     with device:             # initialise on the GPU (spectral init's SVDs are slow on a CPU)
@@ -135,9 +132,9 @@ def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, che
     y = torch.randint(0, spec.num_classes, (batch,), device=device, generator=generator) if spec.num_classes else None
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
-    setup = StepSetup(objective, None, x, y, generator, cfg.train.precision == "bf16", functorch)  # type: ignore[arg-type]
-    setup.new_optimizer(cfg)
-    return setup
+    params = [p for p in objective.parameters() if p.requires_grad]
+    return StepSetup(objective, build_optimizer(params, cfg, device.type == "cuda"), x, y, generator,
+                     cfg.train.precision == "bf16", functorch)
 
 
 def timed(step, *, warmup: int, steps: int, name: str, device: torch.device | None = None,
@@ -179,7 +176,6 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
     (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules; ``top``: keep
     the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``; ``device``: default
     the current GPU; on a CPU, for tests, times are wall-clock and no kernels are profiled)."""
-    checkpointing = checkpointing or cfg.train.activation_checkpointing
     setup = setup_step(cfg, spec, batch=batch, compile=compile, checkpointing=checkpointing, functorch=functorch,
                        device=device, log=log)
     device = setup.x.device

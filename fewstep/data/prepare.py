@@ -162,10 +162,7 @@ def prepare_latents(data: str, out: str | os.PathLike, *, resolution: int = 256,
     """
     from accelerate import PartialState
 
-    from fewstep.train.distributed import destroy_group_at_exit
-
     state = PartialState(cpu=not torch.cuda.is_available())   # CPU ranks (gloo) too, under torchrun
-    destroy_group_at_exit()
     rank = state.process_index if rank is None else rank
     world = state.num_processes if world is None else world
     device = torch.device(device) if device is not None else state.device

@@ -10,7 +10,6 @@ peak GPU memory (the status log's maximum ``peak_mem_gib``; none on a CPU).
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import statistics
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from fewstep.checkpoints import latest_checkpoint
 from fewstep.registry import objectives
+from fewstep.train.status import status_records
 from fewstep.sweep.spec import POINTS_METRIC, SweepSpec
 from fewstep.sweep.worker import EVAL_FILE, grid_path, read_json
 
@@ -49,18 +49,6 @@ def metric_label(metric: str) -> str:
     return METRIC_NAMES.get(metric, f"FD-{metric}")
 
 
-def read_log(path: Path) -> list[dict]:
-    """Records of a ``log.jsonl`` (a torn last line is ignored)."""
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
-
-
 def progress_key(objective: str, records: list[dict]) -> str:
     """The objective's ``progress_log`` entry if its status records have it, else ``"loss"``."""
     try:
@@ -80,7 +68,7 @@ def collect(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = No
         status = ("ok" if ev is not None and ckpt is not None and ev.get("checkpoint_step") == ckpt.step else
                   f"failed: {failed[m.name]}" if failed and m.name in failed else
                   "not started" if ckpt is None else "incomplete")
-        records = [r for r in read_log(run_dir / "log.jsonl") if "event" not in r and "kimg" in r]
+        records = status_records(run_dir)
         speeds = [r["img_per_s"] for r in records if "img_per_s" in r]
         peaks = [r["peak_mem_gib"] for r in records if "peak_mem_gib" in r]
         key = progress_key(m.objective, records)

@@ -172,11 +172,11 @@ def _launch(sweep_dir: Path, name: str, gpu: str | None, threads: int, eval_batc
 
 def _progress_line(sweep_dir: Path, names: list[str]) -> str:
     """``name kimg`` of each running member, from the last status record of its log."""
-    from fewstep.sweep.report import read_log
+    from fewstep.train.status import status_records
 
     parts = []
     for name in names:
-        records = [r for r in read_log(sweep_dir / name / "log.jsonl") if "kimg" in r and "event" not in r]
+        records = status_records(sweep_dir / name)
         parts.append(f"{name} {records[-1]['kimg']:.1f} kimg" if records else f"{name} starting")
     return "progress: " + ", ".join(parts)
 

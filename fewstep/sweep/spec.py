@@ -253,19 +253,19 @@ def check_saved(sweep_dir: Path, spec: SweepSpec) -> list[str]:
     (naming every difference). Returns the budget changes (``key: old → new``), already saved."""
     path = sweep_dir / SPEC_FILE
     new = spec_to_dict(spec)
+    changes: list[str] = []
     if path.exists():
         old = json.loads(path.read_text())
-        diffs = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-        text = {k: f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diffs}
-        fixed = [text[k] for k in diffs if k not in BUDGET_KEYS]
+        keys = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        changes = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys]
+        fixed = [c for k, c in zip(keys, changes) if k not in BUDGET_KEYS]
         if fixed:
             raise SweepError(f"{sweep_dir} holds a sweep with another spec ({'; '.join(fixed)}); use another "
                              f"--out directory, or the same settings to resume it (only kimg and minutes, the "
                              f"budget, may change)")
-        if not diffs:
+        if not changes:
             return []
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    changes = [text[k] for k in diffs] if path.exists() else []
     tmp = sweep_dir / f".{SPEC_FILE}.tmp"
     tmp.write_text(json.dumps(new, indent=1) + "\n")
     os.replace(tmp, path)

@@ -86,10 +86,9 @@ class Parallel:
     def finish(self) -> None:
         """End of a run: finish trackers. The process group stays up, so ``train()`` can run again in
         this process (Accelerate's ``end_training`` destroys it, and its state singleton would not
-        re-create it); it is destroyed when the interpreter exits."""
+        re-create it); it is destroyed when the interpreter exits (registered in ``__init__``)."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
-        destroy_group_at_exit()
 
     # -- setup ----------------------------------------------------------------------------------
     def shard(self, objective: nn.Module) -> nn.Module:
@@ -226,11 +225,9 @@ def exit_process(code: int) -> NoReturn:
 
 
 def destroy_group_at_exit() -> None:
-    """Destroy the default process group at interpreter exit (once), while the interpreter is whole.
-
-    Every multi-process entry point calls this after its process group exists. NCCL asks for it, and
-    with gloo a process that exits without it can die with SIGABRT ("terminate called without an active
-    exception") while its worker threads are torn down during interpreter finalisation."""
+    """Destroy the default process group at interpreter exit (once), as NCCL asks, for training
+    driven from Python. The CLI ends its ranks with :func:`exit_process` instead, which also avoids the
+    gloo aborts during interpreter finalisation that this hook alone did not."""
     if _exit_hook or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
 

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from fewstep import __version__
 from fewstep.backbones.inputs import trusted_labels
-from fewstep.build import build_objective, load_state, resolve, write_run_config
+from fewstep.build import build_objective, build_optimizer, load_state, resolve, write_run_config
 from fewstep.checkpoints import CheckpointWriteError, load_optimizer_state, save_checkpoint
 from fewstep.compiling import compile_objective, set_activation_checkpointing
 from fewstep.config import RunConfig, to_dict
@@ -129,8 +129,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         compile_objective(objective)
     objective = parallel.shard(objective)   # FSDP2: fully_shard in place, before the optimizer sees the parameters
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
-                                  fused=cuda or None)
+    optimizer = build_optimizer(params, cfg, cuda)
     if opt_state is not None:
         parallel.load_optimizer_state(optimizer, opt_state, params)
     model, optimizer = parallel.prepare(objective, optimizer)

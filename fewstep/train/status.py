@@ -21,6 +21,24 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def read_log(path: str | Path) -> list[dict]:
+    """Records of a ``log.jsonl`` (none if it is missing; a torn last line is ignored)."""
+    out = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def status_records(run_dir: str | Path) -> list[dict]:
+    """The status records of a run's ``log.jsonl`` (one per ``train.status_kimg``: step, kimg, the
+    averaged logs, throughput), without its event records."""
+    return [r for r in read_log(Path(run_dir) / "log.jsonl") if "event" not in r and "kimg" in r]
+
+
 class StatusLog:
     """Status bar (kimg, loss, images/s, ETA) and JSONL log of one run.
 
