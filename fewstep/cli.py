@@ -239,17 +239,20 @@ def bench_step(
     from fewstep.build import resolve
     from fewstep.contracts import DataSpec
 
-    if not torch.cuda.is_available():
-        _fail(ValueError("fewstep bench step needs a CUDA GPU"))
-    try:
+    try:   # the arguments first, so that mistakes show on any machine
         spec = DataSpec(name="synthetic", channels=channels, resolution=resolution, num_classes=classes,
                         num_items=batch, kind="latents")
         if jvp not in ("explicit", "functorch"):
             raise ValueError(f"--jvp must be explicit or functorch, got {jvp!r}")
         names = [objective] + ([baseline] if baseline not in ("none", objective) else [])
         configs = [resolve(build_config(recipe, name, backbone, None, None, None, set_)) for name in names]
+        compile = compile or configs[0].train.compile
+        if configs[0].train.compile_tuning and not compile:
+            raise ConfigError("train.compile_tuning tunes the kernels torch.compile generates: add --compile")
     except USER_ERRORS as exc:
         _fail(exc)
+    if not torch.cuda.is_available():
+        _fail(ValueError("fewstep bench step needs a CUDA GPU"))
     import triton
 
     console.print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {triton.__version__} · "

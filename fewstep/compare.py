@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from fewstep.build import config_changes
-from fewstep.train.status import status_records
+from fewstep.train.status import describe, start_records, status_records
 
 # Settings that change how a run executes, not what it computes (up to floating-point order).
-EXECUTION_KEYS = frozenset({"train.distributed", "train.batch_per_gpu", "train.compile",
+EXECUTION_KEYS = frozenset({"train.distributed", "train.batch_per_gpu", "train.compile", "train.compile_tuning",
                             "train.activation_checkpointing", "train.checkpoint_blocks", "train.max_minutes",
                             "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
                             "train.keep_checkpoints"})
@@ -48,6 +48,8 @@ class Comparison:
         a, b: (P,) A's values and B's interpolated values there.
         config: ``key: A → B`` for each differing setting that changes the experiment.
         execution: the same for settings that change only how it runs (``EXECUTION_KEYS``).
+        starts_a, starts_b: each run's ``start`` records (processes, device, backend, precision; one
+            per launch), empty for runs logged before fewstep wrote them.
     """
 
     key: str
@@ -56,6 +58,8 @@ class Comparison:
     b: np.ndarray
     config: list[str] = field(default_factory=list)
     execution: list[str] = field(default_factory=list)
+    starts_a: list[dict] = field(default_factory=list)
+    starts_b: list[dict] = field(default_factory=list)
 
     @property
     def mean_abs_diff(self) -> float:
@@ -107,12 +111,17 @@ def compare_runs(run_a: str | Path, run_b: str | Path, key: str = "loss") -> Com
                            f"kimg, {run_b} {b.kimg[0]:g}–{b.kimg[-1]:g} kimg")
     kimg = a.kimg[inside]
     return Comparison(key=key, kimg=kimg, a=a.values[inside], b=np.interp(kimg, b.kimg, b.values),
-                      config=[c for c in changes if c not in execution], execution=execution)
+                      config=[c for c in changes if c not in execution], execution=execution,
+                      starts_a=start_records(run_a), starts_b=start_records(run_b))
 
 
 def report(c: Comparison, name_a: str, name_b: str) -> list[str]:
     """Human-readable lines: differences, then the curve statistics."""
     lines = [f"A = {name_a}", f"B = {name_b}"]
+    for name, starts in (("A", c.starts_a), ("B", c.starts_b)):
+        if starts:
+            launches = f" ({len(starts)} launches; the last)" if len(starts) > 1 else ""
+            lines.append(f"{name} ran on{launches}: {describe(starts[-1]).removeprefix('running on ')}")
     lines += ["settings that change the experiment: " + ("none" if not c.config else "")]
     lines += [f"  {x}" for x in c.config]
     if c.execution:

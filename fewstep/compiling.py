@@ -26,20 +26,28 @@ def set_activation_checkpointing(objective: nn.Module, enabled: bool = True, blo
                 module.set_activation_checkpointing(enabled, blocks=blocks)
 
 
-def compile_objective(objective: nn.Module, mode: str | None = None) -> int:
+def compile_objective(objective: nn.Module, mode: str | None = None, tuning: bool = False) -> int:
     """Compile the regions of every backbone in ``objective`` in place; returns how many were compiled.
 
     Args:
         mode: ``torch.compile`` mode (``None`` = default; ``max-autotune-no-cudagraphs`` searches GEMM
             configs). CUDA graphs (``reduce-overhead``) do not suit training steps whose graphs free
             and reallocate activations between regions.
+        tuning: Inductor's coordinate-descent tuning of its generated Triton kernels' launch configs
+            (``train.compile_tuning``): most of a TVM step's time outside GEMMs is in those fused
+            element-wise and reduction kernels (tangent rules and their backward). Not with ``mode``
+            (``torch.compile`` takes a mode or options, not both).
     """
+    if tuning and mode is not None:
+        raise ValueError(f"compile_objective: tuning sets Inductor options, which torch.compile does not take "
+                         f"together with mode={mode!r}")
+    kwargs = {"options": {"coordinate_descent_tuning": True}} if tuning else {"mode": mode}
     count = 0
     for module in objective.modules():
         regions = getattr(module, "compile_regions", None)
         if callable(regions):
             for region in regions():
-                region.compile(mode=mode, dynamic=False)
+                region.compile(dynamic=False, **kwargs)
                 count += 1
     config = torch._dynamo.config          # blocks of several backbones × call modes share one code object
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

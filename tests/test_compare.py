@@ -68,6 +68,7 @@ def test_cli_reports_plots_and_applies_the_tolerance(runs, tmp_path):
     out = CliRunner().invoke(app, ["compare", str(runs / "a"), str(runs / "seed1"), "--plot", str(png)])
     assert out.exit_code == 0, out.output
     assert "train.seed: 0 → 1" in out.output and "loss at 8 matched points" in out.output
+    assert out.output.count("ran on: 1 process · cpu · fp32 · torch") == 2   # A's and B's start records
     assert read_png(png).shape[0] == 3
     strict = CliRunner().invoke(app, ["compare", str(runs / "a"), str(runs / "seed1"), "--tolerance", "0"])
     assert strict.exit_code == 1 and "more than 0%" in strict.output

@@ -184,3 +184,14 @@ def test_a_time_budget_stops_every_rank_at_the_same_step(ddp):
     steps = [report(ddp, "budget", r)["step"] for r in range(WORLD)]
     assert steps[0] == steps[1] and 2 <= steps[0] < 40, steps
     assert_identical(*states(ddp, "budget"), "budget: rank 0 vs rank 1")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_the_log_says_what_each_launch_ran_on(mode, request):
+    from fewstep.train.status import start_records
+
+    out = request.getfixturevalue(mode)
+    first, resumed = start_records(out / "tvm" / "run")   # the 3-step run, then its resume to 5 steps
+    assert {k: first[k] for k in ("processes", "device", "backend", "distributed", "mixed_precision")} == \
+        {"processes": 2, "device": "cpu", "backend": "gloo", "distributed": mode, "mixed_precision": "no"}
+    assert (first["step"], resumed["step"]) == (0, 3) and first["torch"] == torch.__version__

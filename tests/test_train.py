@@ -25,13 +25,15 @@ def tiny(fashion_dir, **overrides):
 
 
 def read_log(run):
+    """Every record of the run's ``log.jsonl``: status records and events (``start``, ``stopped``, …)."""
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_training_reduces_the_loss_and_writes_the_run(fashion_dir, tmp_path):
     cfg = tiny(fashion_dir, **{"train.total_kimg": 0.64, "train.lr": 3e-3})
     result = train(cfg, tmp_path / "run", show_progress=False)
-    log = read_log(tmp_path / "run")
+    start, *log = read_log(tmp_path / "run")
+    assert start["event"] == "start" and start["processes"] == 1 and "event" not in log[0]
     assert result.step == 40 and abs(result.kimg - 0.64) < 1e-9
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -91,11 +93,11 @@ def test_compile_and_activation_checkpointing_train_the_same_run(fashion_dir, tm
     import fewstep.train.loop as loop
 
     compiled = []
-    monkeypatch.setattr(loop, "compile_objective", lambda obj, mode=None: compiled.append(obj) or 0)
+    monkeypatch.setattr(loop, "compile_objective", lambda obj, tuning=False: compiled.append((obj, tuning)) or 0)
     plain = train(tiny(fashion_dir, **{"train.total_kimg": 0.032}), tmp_path / "a", show_progress=False)
-    fast = train(tiny(fashion_dir, **{"train.total_kimg": 0.032, "train.compile": True,
+    fast = train(tiny(fashion_dir, **{"train.total_kimg": 0.032, "train.compile": True, "train.compile_tuning": True,
                                       "train.activation_checkpointing": True}), tmp_path / "b", show_progress=False)
-    assert len(compiled) == 1
+    assert len(compiled) == 1 and compiled[0][1] is True
     assert fast.loss == pytest.approx(plain.loss, rel=1e-5)
     resumed = train(tiny(fashion_dir, **{"train.total_kimg": 0.064, "train.activation_checkpointing": True}),
                     tmp_path / "a", show_progress=False)

@@ -42,6 +42,7 @@ class StepResult:
     mfu: float | None
     times: list[float] = field(default_factory=list)
     path: str = "explicit"
+    tuned: bool = False
     top_kernels: list[KernelTime] = field(default_factory=list)
 
 
@@ -125,7 +126,7 @@ def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, che
     if checkpointing:
         set_activation_checkpointing(objective, blocks=cfg.train.checkpoint_blocks)
     if compile:
-        compile_objective(objective)
+        compile_objective(objective, tuning=cfg.train.compile_tuning)
     objective.train()
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn(batch, spec.channels, spec.resolution, spec.resolution, device=device, generator=generator)
@@ -192,6 +193,7 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
                         images_per_s=batch / median, peak_gib=peak, kernels_per_step=kernels,
                         flops_per_step=flops, mfu=(flops / median / peak_flops_s) if peak_flops_s else None,
                         times=times, path="functorch" if functorch else "explicit",
+                        tuned=compile and cfg.train.compile_tuning,
                         top_kernels=(profiled or [])[:top])
     del objective, setup
     release()
@@ -217,7 +219,7 @@ def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]
         kernels = f", {r.kernels_per_step} kernels" if r.kernels_per_step is not None else ""
         jvp = " (functorch JVP)" if r.path == "functorch" else ""
         lines.append(f"{r.objective:>10}{jvp} batch {r.batch}{' compiled' if r.compiled else ''}"
-                     f"{' checkpointed' if r.checkpointing else ''}: "
+                     f"{' (tuned)' if r.tuned else ''}{' checkpointed' if r.checkpointing else ''}: "
                      f"{r.s_per_step:.4f} s/step, {r.images_per_s:.1f} img/s, peak {r.peak_gib:.1f} GiB"
                      f"{mfu}{kernels}{ratio}")
     return lines

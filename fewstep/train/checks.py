@@ -16,7 +16,7 @@ from fewstep.contracts import DataSpec
 # Fields that may change between a run and its resumption (length and bookkeeping only).
 RESUMABLE_CHANGES = {"train.total_kimg", "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.max_minutes", "train.compile",
-                     "train.activation_checkpointing", "train.checkpoint_blocks", "train.distributed",
+                     "train.compile_tuning",                     "train.activation_checkpointing", "train.checkpoint_blocks", "train.distributed",
                      "data.num_workers", "data.root", "sample.nfe", "sample.num_images", "sample.weights",
                      "sample.guidance"}
 
@@ -59,6 +59,9 @@ def check_config(cfg: RunConfig) -> None:
     if t.checkpoint_blocks is not None and not t.activation_checkpointing:
         raise ConfigError("train.checkpoint_blocks chooses how many blocks activation checkpointing recomputes; "
                           "set train.activation_checkpointing=true with it")
+    if t.compile_tuning and not t.compile:
+        raise ConfigError("train.compile_tuning tunes the kernels torch.compile generates; set train.compile=true "
+                          "with it")
     if t.max_bad_steps < 1 or t.keep_checkpoints < 0:
         raise ConfigError(f"train.max_bad_steps must be ≥ 1 and train.keep_checkpoints ≥ 0, got "
                           f"{t.max_bad_steps} and {t.keep_checkpoints}")

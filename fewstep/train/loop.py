@@ -36,7 +36,7 @@ from fewstep.sample import output_decoder, sample
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
 from fewstep.train.distributed import Parallel
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
-from fewstep.train.status import StatusLog, peak_flops
+from fewstep.train.status import StatusLog, describe, peak_flops, where_it_runs
 
 __all__ = ["NonFiniteLossError", "RESUMABLE_CHANGES", "TrainResult", "check_config", "plan_batches", "train"]
 
@@ -126,7 +126,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                 torch.cuda.set_rng_state(rng["cuda"], device)
 
     if t.compile:
-        compile_objective(objective)
+        compile_objective(objective, tuning=t.compile_tuning)
     objective = parallel.shard(objective)   # FSDP2: fully_shard in place, before the optimizer sees the parameters
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, cuda)
@@ -138,6 +138,8 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     batches = iter(stream)
     total_nimg = int(round(t.total_kimg * 1000))
     status = StatusLog(run_dir, t.total_kimg, nimg / 1000, enabled=main, show_progress=show_progress)
+    start = where_it_runs(accelerator, cfg)
+    status.event({"event": "start", "step": step, "kimg": nimg / 1000, **start}, describe(start))
     for note in notes:
         status.event({"event": "checkpoint_skipped", "message": note}, f"warning: {note}")
     if ckpt is not None:

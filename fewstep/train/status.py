@@ -39,6 +39,44 @@ def status_records(run_dir: str | Path) -> list[dict]:
     return [r for r in read_log(Path(run_dir) / "log.jsonl") if "event" not in r and "kimg" in r]
 
 
+def where_it_runs(accelerator, cfg) -> dict[str, Any]:
+    """What a run's processes run on, for its ``start`` record: process count, device name, collective
+    backend (``None`` for one process), distributed wrapper, autocast precision, torch/triton versions."""
+    import torch.distributed as dist
+
+    device = accelerator.device
+    multi = accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"processes": accelerator.num_processes,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "backend": dist.get_backend() if multi else None,
+            "distributed": cfg.train.distributed if accelerator.num_processes > 1 else None,
+            "mixed_precision": str(accelerator.mixed_precision), "compile": cfg.train.compile,
+            "compile_tuning": cfg.train.compile_tuning,
+            "torch": torch.__version__, "triton": triton_version}
+
+
+def describe(start: dict[str, Any]) -> str:
+    """One line for a ``start`` record: ``2 processes · NVIDIA H100 80GB HBM3 · ddp over nccl · bf16``."""
+    n = start.get("processes", 1)
+    parts = [f"{n} process" + ("es" if n != 1 else ""), str(start.get("device"))]
+    if start.get("backend"):
+        parts.append(f"{start.get('distributed')} over {start['backend']}")
+    parts.append("bf16 autocast" if start.get("mixed_precision") == "bf16" else "fp32")
+    if start.get("compile"):
+        parts.append("compiled" + (" (tuned)" if start.get("compile_tuning") else ""))
+    return "running on " + " · ".join(parts) + f" · torch {start.get('torch')}"
+
+
+def start_records(run_dir: str | Path) -> list[dict]:
+    """The ``start`` event records of a run (one per launch: the first run and every resume)."""
+    return [r for r in read_log(Path(run_dir) / "log.jsonl") if r.get("event") == "start"]
+
+
 class StatusLog:
     """Status bar (kimg, loss, images/s, ETA) and JSONL log of one run.
 
