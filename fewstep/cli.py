@@ -219,7 +219,7 @@ def bench_step(
     channels: int = typer.Option(4, help="Synthetic data channels (ImageNet-256 SD-VAE latents: 4)."),
     resolution: int = typer.Option(32, help="Synthetic data side (ImageNet-256 latents: 32)."),
     classes: int = typer.Option(1000, help="Number of classes of the synthetic labels."),
-    steps: int = typer.Option(10, help="Timed steps (median reported)."),
+    steps: int = typer.Option(20, help="Timed steps (median and best reported)."),
     warmup: int = typer.Option(3, help="Untimed steps first (compilation, autotuning, allocator)."),
     set_: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (repeatable)."),
     profile: int = typer.Option(0, help="Also list the N CUDA kernels with the most GPU time in one step."),

@@ -10,16 +10,17 @@ from fewstep.bench.step import KernelTime, StepResult, kernel_table, summary
 from fewstep.cli import app
 
 
-def result(objective, s_per_step, top=()):
+def result(objective, s_per_step, top=(), times=()):
     return StepResult(objective=objective, batch=32, compiled=True, checkpointing=False, s_per_step=s_per_step,
                       images_per_s=32 / s_per_step, peak_gib=45.0, kernels_per_step=6740, flops_per_step=1e15,
-                      mfu=0.25, top_kernels=list(top))
+                      mfu=0.25, top_kernels=list(top), times=list(times))
 
 
 def test_summary_gives_the_ratio_against_the_baseline():
-    tvm, fm = result("tvm", 0.3), result("fm", 0.1)
+    tvm, fm = result("tvm", 0.3, times=[0.31, 0.3, 0.27]), result("fm", 0.1, times=[0.1, 0.09, 0.12])
     lines = summary([tvm, fm], fm)
-    assert lines[0].endswith("6740 kernels, 3.00× fm") and "0.3000 s/step" in lines[0] and "compiled" in lines[0]
+    assert lines[0].endswith("6740 kernels, 3.00× fm (best to best 3.00×)") and "compiled" in lines[0]
+    assert "0.3000 s/step (best 0.2700)" in lines[0] and "0.1000 s/step (best 0.0900)" in lines[1]
     assert "×" not in lines[1]
 
 

@@ -45,6 +45,12 @@ class StepResult:
     tuned: bool = False
     top_kernels: list[KernelTime] = field(default_factory=list)
 
+    @property
+    def best_s(self) -> float:
+        """The fastest timed step (s): the floor that host jitter cannot raise, where the median
+        (``s_per_step``) is what a run sees."""
+        return min(self.times) if self.times else self.s_per_step
+
 
 @dataclass
 class KernelTime:
@@ -214,12 +220,15 @@ def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]
     """One line per objective; ratios against ``baseline`` (flow matching) when given."""
     lines = []
     for r in results:
-        ratio = f", {r.s_per_step / baseline.s_per_step:.2f}× {baseline.objective}" if baseline and r is not baseline else ""
+        ratio = ""
+        if baseline and r is not baseline:
+            ratio = (f", {r.s_per_step / baseline.s_per_step:.2f}× {baseline.objective} "
+                     f"(best to best {r.best_s / baseline.best_s:.2f}×)")
         mfu = f", MFU {100 * r.mfu:.1f}%" if r.mfu is not None else ""
         kernels = f", {r.kernels_per_step} kernels" if r.kernels_per_step is not None else ""
         jvp = " (functorch JVP)" if r.path == "functorch" else ""
         lines.append(f"{r.objective:>10}{jvp} batch {r.batch}{' compiled' if r.compiled else ''}"
                      f"{' (tuned)' if r.tuned else ''}{' checkpointed' if r.checkpointing else ''}: "
-                     f"{r.s_per_step:.4f} s/step, {r.images_per_s:.1f} img/s, peak {r.peak_gib:.1f} GiB"
+                     f"{r.s_per_step:.4f} s/step (best {r.best_s:.4f}), {r.images_per_s:.1f} img/s, peak {r.peak_gib:.1f} GiB"
                      f"{mfu}{kernels}{ratio}")
     return lines
