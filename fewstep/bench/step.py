@@ -44,6 +44,13 @@ class StepResult:
     path: str = "explicit"
     tuned: bool = False
     top_kernels: list[KernelTime] = field(default_factory=list)
+    kernel_ms: float | None = None
+
+    @property
+    def gpu_busy(self) -> float | None:
+        """GPU kernel time of the profiled step over the median step time (one stream: kernels do not
+        overlap): near 1 when the GPU bounds the step; well below when the host launching kernels does."""
+        return None if self.kernel_ms is None else self.kernel_ms / (1000 * self.s_per_step)
 
     @property
     def best_s(self) -> float:
@@ -200,7 +207,8 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
                         flops_per_step=flops, mfu=(flops / median / peak_flops_s) if peak_flops_s else None,
                         times=times, path="functorch" if functorch else "explicit",
                         tuned=compile and cfg.train.compile_tuning,
-                        top_kernels=(profiled or [])[:top])
+                        top_kernels=(profiled or [])[:top],
+                        kernel_ms=sum(k.ms for k in profiled) if profiled is not None else None)
     del objective, setup
     release()
     return result
@@ -209,7 +217,8 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
 def kernel_table(result: StepResult) -> list[str]:
     """``result.top_kernels`` as lines: GPU ms per step, share of the step's median time, launches, name."""
     total = result.s_per_step * 1000
-    lines = [f"top kernels of one {result.objective} step ({total:.1f} ms):"]
+    busy = f"; all kernels {result.kernel_ms:.1f} ms" if result.kernel_ms is not None else ""
+    lines = [f"top kernels of one {result.objective} step ({total:.1f} ms{busy}):"]
     for k in result.top_kernels:
         name = k.name if len(k.name) <= 90 else k.name[:87] + "..."
         lines.append(f"  {k.ms:8.2f} ms {100 * k.ms / total:5.1f}% {k.calls:6d}×  {name}")
@@ -226,6 +235,8 @@ def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]
                      f"(best to best {r.best_s / baseline.best_s:.2f}×)")
         mfu = f", MFU {100 * r.mfu:.1f}%" if r.mfu is not None else ""
         kernels = f", {r.kernels_per_step} kernels" if r.kernels_per_step is not None else ""
+        if r.gpu_busy is not None:
+            kernels += f" (GPU busy {100 * r.gpu_busy:.0f}%)"
         jvp = " (functorch JVP)" if r.path == "functorch" else ""
         lines.append(f"{r.objective:>10}{jvp} batch {r.batch}{' compiled' if r.compiled else ''}"
                      f"{' (tuned)' if r.tuned else ''}{' checkpointed' if r.checkpointing else ''}: "
