@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from fewstep.config import RunConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report throughput only.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -39,7 +44,7 @@ def status_records(run_dir: str | Path) -> list[dict]:
     return [r for r in read_log(Path(run_dir) / "log.jsonl") if "event" not in r and "kimg" in r]
 
 
-def where_it_runs(accelerator, cfg) -> dict[str, Any]:
+def where_it_runs(accelerator: Accelerator, cfg: RunConfig) -> dict[str, Any]:
     """What a run's processes run on, for its ``start`` record: process count, device name, collective
     backend (``None`` for one process), distributed wrapper, autocast precision, torch/triton versions."""
     import torch.distributed as dist
