@@ -16,9 +16,9 @@ from fewstep.contracts import DataSpec
 # Fields that may change between a run and its resumption (length and bookkeeping only).
 RESUMABLE_CHANGES = {"train.total_kimg", "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.max_minutes", "train.compile",
-                     "train.compile_tuning",                     "train.activation_checkpointing", "train.checkpoint_blocks", "train.distributed",
-                     "data.num_workers", "data.root", "sample.nfe", "sample.num_images", "sample.weights",
-                     "sample.guidance"}
+                     "train.compile_tuning", "train.activation_checkpointing", "train.checkpoint_blocks",
+                     "train.distributed", "data.num_workers", "data.root", "sample.nfe", "sample.num_images",
+                     "sample.weights", "sample.guidance"}
 
 
 @dataclass
