@@ -78,6 +78,11 @@ def triton_available() -> bool:
 
 
 def _in_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active. False while Dynamo traces: it cannot call the
+    functorch interpreter stack (the call would break every compiled block's graph at its attention),
+    and Dynamo traces functorch transforms itself rather than running a compiled region inside one."""
+    if torch.compiler.is_compiling():
+        return False
     interpreters = torch._C._functorch.get_interpreter_stack() or []
     return any(i.key() == torch._C._functorch.TransformType.Vmap for i in interpreters)
 

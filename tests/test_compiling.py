@@ -70,3 +70,38 @@ def test_bench_step_refuses_tuning_without_compile():
     tuned = CliRunner().invoke(app, ["bench", "step", "--compile", "--set", "train.compile_tuning=true"])
     if not torch.cuda.is_available():                  # the arguments pass; only the GPU is missing
         assert tuned.exit_code == 2 and "needs a CUDA GPU" in tuned.output
+
+
+class _Traced(Exception):
+    """Raised by the recording backend instead of running the graph."""
+
+
+def test_a_blocks_jvp_on_the_kernel_path_compiles_as_one_graph():
+    """The JVP attention's routing (device, shapes, vmap check) must trace: a graph break there would
+    split every compiled block at its attention on a GPU. On the CPU ``kernel_attention`` takes the
+    GPU route; ``fullgraph=True`` refuses any break, and the recording backend never runs the graph."""
+    from fewstep.backbones import DiT, DiTConfig
+    from fewstep.kernels.attention import kernel_attention
+
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(name="dit-debug", depth=1, hidden_size=32, num_heads=2, patch_size=2), in_channels=3,
+              input_size=8, num_classes=5)
+    block = net.blocks[0]
+    x, tx, c, tc = torch.randn(2, 16, 32), torch.randn(2, 16, 32), torch.randn(2, 32), torch.randn(2, 32)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise _Traced
+        return run
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=record, fullgraph=True, dynamic=False)
+    with kernel_attention(), pytest.raises(_Traced):
+        compiled(x, c, tx, tc)
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert "fewstep.jvp_attention.default" in targets, sorted(targets)
