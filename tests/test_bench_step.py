@@ -32,6 +32,8 @@ def test_kernel_table_states_time_share_and_launches():
     r.kernel_ms = 150.0                           # every kernel of the profiled step, not only the top ones
     assert kernel_table(r)[0] == "top kernels of one tvm step (200.0 ms; all kernels 150.0 ms):"
     assert r.gpu_busy == pytest.approx(0.75) and "6740 kernels (GPU busy 75%)" in summary([r], None)[0]
+    r.host_ms = 180.4
+    assert "6740 kernels (GPU busy 75%), host 180 ms/step" in summary([r], None)[0]
     assert gemm.split() == ["50.00", "ms", "25.0%", "448×", "sm90_gemm"]
     assert fused.split()[2] == "1.2%" and fused.endswith("...") and len(fused.split()[-1]) == 90
 
@@ -58,7 +60,7 @@ def test_bench_objective_runs_full_steps_and_counts_the_objectives_flops(objecti
     r = bench_objective(cfg, spec, batch=4, steps=2, warmup=1, compile=False, device=torch.device("cpu"),
                         log=logs.append)
     assert (r.objective, r.batch, len(r.times)) == (objective, 4, 2) and r.s_per_step > 0
-    assert r.kernels_per_step is None and r.mfu is None and r.top_kernels == [] and r.gpu_busy is None   # CPU: no profile
+    assert r.kernels_per_step is None and r.mfu is None and r.top_kernels == [] and r.gpu_busy is None and r.host_ms is None   # CPU: no profile
     assert logs[0].startswith(f"{objective}: built in") and logs[1].startswith(f"{objective}: warm-up step 1/1")
     per_forward = 11 if objective == "tvm" else 3                  # TVM: JVP 2F + its backward 4F + teacher 2F + FM 3F
     from fewstep.build import build_objective
@@ -66,3 +68,23 @@ def test_bench_objective_runs_full_steps_and_counts_the_objectives_flops(objecti
     with torch.device("cpu"):
         F = build_objective(cfg, spec).backbone.forward_flops(1)
     assert r.flops_per_step == pytest.approx(per_forward * F * 4)
+
+
+def test_host_time_counts_issuing_the_step_and_not_the_final_wait():
+    import time
+
+    from fewstep.bench.step import host_time_ms
+
+    events = []
+
+    def step():
+        events.append("step")
+        time.sleep(0.02)
+
+    def sync():
+        events.append("sync")
+        time.sleep(0.05)          # waiting for the device is not host time
+
+    ms = host_time_ms(step, repeats=3, sync=sync)
+    assert 19 < ms < 45, ms
+    assert events == ["sync", "step"] * 3 + ["sync"]   # each step starts from an idle device

@@ -45,6 +45,7 @@ class StepResult:
     tuned: bool = False
     top_kernels: list[KernelTime] = field(default_factory=list)
     kernel_ms: float | None = None
+    host_ms: float | None = None
 
     @property
     def gpu_busy(self) -> float | None:
@@ -182,6 +183,23 @@ def release() -> None:
     torch.cuda.empty_cache()
 
 
+def host_time_ms(step, repeats: int = 5, sync=None) -> float:
+    """Median host time (ms) to issue one call of ``step`` on a GPU, from an idle GPU, without waiting
+    for its kernels at the end. Waiting on a full launch queue counts too, so a host time can come close
+    to, but not exceed, the kernels' time (``StepResult.kernel_ms``) because of the GPU: a host time
+    above it means the host bounds the step; one well below it, the GPU. ``sync``: waits for the
+    device (default ``torch.cuda.synchronize``)."""
+    sync = sync or torch.cuda.synchronize
+    spent = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        step()
+        spent.append(1000 * (time.perf_counter() - started))
+    sync()
+    return statistics.median(spent)
+
+
 def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
                     compile: bool, functorch: bool = False, checkpointing: bool = False,
                     profile_kernels: bool = True, top: int = 0, device: torch.device | None = None,
@@ -197,6 +215,7 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
     profiling = (profile_kernels or top) and device.type == "cuda"
     profiled = _profile_kernels(setup.step) if profiling else None
     kernels = sum(k.calls for k in profiled) if profiled is not None else None
+    host = host_time_ms(setup.step) if device.type == "cuda" else None
     median = statistics.median(times)
     objective = setup.objective
     flops = objective.flops_per_sample(objective.backbone.forward_flops(1)) * batch
@@ -208,7 +227,8 @@ def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, w
                         times=times, path="functorch" if functorch else "explicit",
                         tuned=compile and cfg.train.compile_tuning,
                         top_kernels=(profiled or [])[:top],
-                        kernel_ms=sum(k.ms for k in profiled) if profiled is not None else None)
+                        kernel_ms=sum(k.ms for k in profiled) if profiled is not None else None,
+                        host_ms=host)
     del objective, setup
     release()
     return result
@@ -237,6 +257,8 @@ def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]
         kernels = f", {r.kernels_per_step} kernels" if r.kernels_per_step is not None else ""
         if r.gpu_busy is not None:
             kernels += f" (GPU busy {100 * r.gpu_busy:.0f}%)"
+        if r.host_ms is not None:
+            kernels += f", host {r.host_ms:.0f} ms/step"
         jvp = " (functorch JVP)" if r.path == "functorch" else ""
         lines.append(f"{r.objective:>10}{jvp} batch {r.batch}{' compiled' if r.compiled else ''}"
                      f"{' (tuned)' if r.tuned else ''}{' checkpointed' if r.checkpointing else ''}: "
