@@ -37,11 +37,24 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _write_json(path: Optional[Path], body: dict) -> None:
-    """Write ``body`` as indented JSON to ``path`` (parents created); nothing when ``path`` is None."""
+def _write_json(path: Optional[Path], body: dict, default=None) -> None:
+    """Write ``body`` as indented JSON to ``path`` (parents created); nothing when ``path`` is None.
+    ``default``: as for ``json.dumps`` (how to write values JSON has no type for)."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(body, indent=1))
+        path.write_text(json.dumps(body, indent=1, default=default))
+
+
+def _write_bench_json(path: Optional[Path], body: dict, default=None) -> None:
+    """A benchmark's measurements as JSON (see :func:`_write_json`), after the GPU's name and the torch
+    and triton versions they were taken with."""
+    if path is None:
+        return
+    import torch
+
+    from fewstep.train.status import versions
+
+    _write_json(path, {"device": torch.cuda.get_device_name(), **versions(), **body}, default=default)
 
 
 def build_config(recipe: str, objective: Optional[str], backbone: Optional[str], data: Optional[str],
@@ -197,10 +210,7 @@ def bench_attention(
     resources = kernel_resources()
     for name, info in resources.items():
         console.print(f"{name}: {info['regs']} registers, {info['spills']} spills, {info['config']}", highlight=False)
-    if out is not None:
-        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "triton": triton.__version__, "dtype": dtype, "kernels": resources,
-                                   "rows": [vars(r) for r in rows]}, indent=1, default=str))
+    _write_bench_json(out, {"dtype": dtype, "kernels": resources, "rows": [vars(r) for r in rows]}, default=str)
 
 
 @bench_app.command("step")
@@ -272,19 +282,15 @@ def bench_step(
     base = results[1] if len(results) > 1 else None
     for line in summary(results, base):
         console.print(line, highlight=False)
-    if out is not None:
-        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "triton": triton.__version__, "batch": batch, "compile": compile, "jvp": jvp,
-                                   "backbone": dataclasses.asdict(configs[0].backbone),
-                                   "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+    _write_bench_json(out, {"batch": batch, "compile": compile, "jvp": jvp,
+                            "backbone": dataclasses.asdict(configs[0].backbone),
+                            "results": [dataclasses.asdict(r) for r in results]})
 
 
 def _bench_scaling(cfg: RunConfig, spec, batch: int, steps: int, warmup: int, compile: bool, checkpointing: bool,
                    out: Optional[Path]) -> None:
     """``bench step`` under several processes: the objective alone and wrapped on every rank."""
     import dataclasses
-
-    import torch
 
     from fewstep.bench.scaling import bench_scaling, scaling_line
 
@@ -293,11 +299,10 @@ def _bench_scaling(cfg: RunConfig, spec, batch: int, steps: int, warmup: int, co
     r = bench_scaling(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
                       checkpointing=checkpointing, log=say)
     say(scaling_line(r))
-    if out is not None and main:
-        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "world": r.world, "batch_per_gpu": batch, "compile": compile,
-                                   "results": [{**dataclasses.asdict(r), "efficiency": r.efficiency,
-                                                "images_per_s": r.images_per_s}]}, indent=1))
+    if main:
+        _write_bench_json(out, {"world": r.world, "batch_per_gpu": batch, "compile": compile,
+                                "results": [{**dataclasses.asdict(r), "efficiency": r.efficiency,
+                                             "images_per_s": r.images_per_s}]})
 
 
 @bench_app.command("sample")
@@ -340,10 +345,7 @@ def bench_sample(
     rows = bench_sampling(cfg, spec, batch=batch, nfes=nfes, modes=mode_list, reps=reps)
     for line in summary(rows):
         console.print(line, highlight=False)
-    if out is not None:
-        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                   "batch": batch, "objective": objective,
-                                   "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    _write_bench_json(out, {"batch": batch, "objective": objective, "rows": [dataclasses.asdict(r) for r in rows]})
 
 
 @app.command("compare")

@@ -121,7 +121,7 @@ def report(c: Comparison, name_a: str, name_b: str) -> list[str]:
     for name, starts in (("A", c.starts_a), ("B", c.starts_b)):
         if starts:
             launches = f" ({len(starts)} launches; the last)" if len(starts) > 1 else ""
-            lines.append(f"{name} ran on{launches}: {describe(starts[-1]).removeprefix('running on ')}")
+            lines.append(f"{name} ran on{launches}: {describe(starts[-1])}")
     lines += ["settings that change the experiment: " + ("none" if not c.config else "")]
     lines += [f"  {x}" for x in c.config]
     if c.execution:

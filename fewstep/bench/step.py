@@ -165,12 +165,7 @@ def timed(step, *, warmup: int, steps: int, name: str, device: torch.device | No
         sync()
         log(f"{name}: warm-up step {i + 1}/{warmup} {time.perf_counter() - started:.2f} s")
     if not cuda:
-        times = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
-        return times, math.nan
+        return host_seconds(step, steps, sync), math.nan
     torch.cuda.reset_peak_memory_stats()
     times = cuda_times(step, steps)
     return times, torch.cuda.max_memory_allocated() / 2**30
@@ -183,21 +178,26 @@ def release() -> None:
     torch.cuda.empty_cache()
 
 
+def host_seconds(step, repeats: int, sync) -> list[float]:
+    """Wall-clock seconds of the host in each of ``repeats`` calls of ``step``, each started after
+    ``sync()`` (waits for the device: a no-op on a CPU) and not waiting for the device at its end."""
+    spent = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        step()
+        spent.append(time.perf_counter() - started)
+    sync()
+    return spent
+
+
 def host_time_ms(step, repeats: int = 5, sync=None) -> float:
     """Median host time (ms) to issue one call of ``step`` on a GPU, from an idle GPU, without waiting
     for its kernels at the end. Waiting on a full launch queue counts too, so a host time can come close
     to, but not exceed, the kernels' time (``StepResult.kernel_ms``) because of the GPU: a host time
     above it means the host bounds the step; one well below it, the GPU. ``sync``: waits for the
     device (default ``torch.cuda.synchronize``)."""
-    sync = sync or torch.cuda.synchronize
-    spent = []
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
-        step()
-        spent.append(1000 * (time.perf_counter() - started))
-    sync()
-    return statistics.median(spent)
+    return 1000 * statistics.median(host_seconds(step, repeats, sync or torch.cuda.synchronize))
 
 
 def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
@@ -262,6 +262,7 @@ def summary(results: list[StepResult], baseline: StepResult | None) -> list[str]
         jvp = " (functorch JVP)" if r.path == "functorch" else ""
         lines.append(f"{r.objective:>10}{jvp} batch {r.batch}{' compiled' if r.compiled else ''}"
                      f"{' (tuned)' if r.tuned else ''}{' checkpointed' if r.checkpointing else ''}: "
-                     f"{r.s_per_step:.4f} s/step (best {r.best_s:.4f}), {r.images_per_s:.1f} img/s, peak {r.peak_gib:.1f} GiB"
+                     f"{r.s_per_step:.4f} s/step (best {r.best_s:.4f}), {r.images_per_s:.1f} img/s, "
+                     f"peak {r.peak_gib:.1f} GiB"
                      f"{mfu}{kernels}{ratio}")
     return lines

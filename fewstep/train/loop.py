@@ -139,7 +139,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     total_nimg = int(round(t.total_kimg * 1000))
     status = StatusLog(run_dir, t.total_kimg, nimg / 1000, enabled=main, show_progress=show_progress)
     start = where_it_runs(accelerator, cfg)
-    status.event({"event": "start", "step": step, "kimg": nimg / 1000, **start}, describe(start))
+    status.event({"event": "start", "step": step, "kimg": nimg / 1000, **start}, f"running on {describe(start)}")
     for note in notes:
         status.event({"event": "checkpoint_skipped", "message": note}, f"warning: {note}")
     if ckpt is not None:

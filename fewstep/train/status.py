@@ -26,6 +26,16 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def versions() -> dict[str, str | None]:
+    """The torch and triton versions (triton ``None`` where it does not import)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version}
+
+
 def read_log(path: str | Path) -> list[dict]:
     """Records of a ``log.jsonl`` (none if it is missing; a torn last line is ignored)."""
     out = []
@@ -51,22 +61,17 @@ def where_it_runs(accelerator: Accelerator, cfg: RunConfig) -> dict[str, Any]:
 
     device = accelerator.device
     multi = accelerator.num_processes > 1 and dist.is_available() and dist.is_initialized()
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     return {"processes": accelerator.num_processes,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "backend": dist.get_backend() if multi else None,
             "distributed": cfg.train.distributed if accelerator.num_processes > 1 else None,
             "mixed_precision": str(accelerator.mixed_precision), "compile": cfg.train.compile,
-            "compile_tuning": cfg.train.compile_tuning,
-            "torch": torch.__version__, "triton": triton_version}
+            "compile_tuning": cfg.train.compile_tuning, **versions()}
 
 
 def describe(start: dict[str, Any]) -> str:
-    """One line for a ``start`` record: ``2 processes · NVIDIA H100 80GB HBM3 · ddp over nccl · bf16``."""
+    """One line for a ``start`` record: ``2 processes · NVIDIA H100 80GB HBM3 · ddp over nccl · bf16
+    autocast · torch 2.11.0``."""
     n = start.get("processes", 1)
     parts = [f"{n} process" + ("es" if n != 1 else ""), str(start.get("device"))]
     if start.get("backend"):
@@ -74,7 +79,7 @@ def describe(start: dict[str, Any]) -> str:
     parts.append("bf16 autocast" if start.get("mixed_precision") == "bf16" else "fp32")
     if start.get("compile"):
         parts.append("compiled" + (" (tuned)" if start.get("compile_tuning") else ""))
-    return "running on " + " · ".join(parts) + f" · torch {start.get('torch')}"
+    return " · ".join(parts) + f" · torch {start.get('torch')}"
 
 
 def start_records(run_dir: str | Path) -> list[dict]:
