@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from fewstep.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
 from fewstep.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from fewstep.contracts import DataSpec, Objective
+from fewstep.files import write_json
 from fewstep.registry import objectives
 
 
@@ -73,8 +73,8 @@ def load_objective(run: str | os.PathLike, device: torch.device | str = "cpu"
         (objective, its run config, the checkpoint read).
     """
     ckpt = find_checkpoint(run)
-    cfg = run_config_from_dict(ckpt.manifest["config"])
-    spec = spec_from_dict(ckpt.manifest["data_spec"])
+    cfg = run_config_from_dict(ckpt.field("config"))
+    spec = spec_from_dict(ckpt.field("data_spec"))
     with torch.device("meta"):
         objective = build_objective(cfg, spec)
     objective = objective.to_empty(device=device)
@@ -137,8 +137,4 @@ def check_compatible(saved: dict, saved_spec: dict | None, cfg: RunConfig, spec:
 
 def write_run_config(run_dir: Path, cfg: RunConfig, spec: DataSpec) -> None:
     """Write ``config.json`` (resolved config + data spec) before step 0."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    body = {"config": to_dict(cfg), "data_spec": dataclasses.asdict(spec)}
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, run_dir / "config.json")
+    write_json(run_dir / "config.json", {"config": to_dict(cfg), "data_spec": dataclasses.asdict(spec)})

@@ -22,14 +22,17 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from fewstep.files import save_tensors, write_json
 
 FORMAT = "fewstep-checkpoint"
 VERSION = 1
@@ -60,7 +63,14 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.manifest["step"])
+        return int(self.field("step"))
+
+    def field(self, name: str) -> Any:
+        """The manifest's ``name`` entry; a :class:`CheckpointError` naming the checkpoint when it is missing."""
+        if name not in self.manifest:
+            raise CheckpointError(f"checkpoint {self.path} has no {name!r} in its manifest.json (it was not "
+                                  f"written by this fewstep version, or was edited); use another checkpoint")
+        return self.manifest[name]
 
     def tensors(self, name: str, prefix: str = "") -> dict[str, Tensor]:
         """Tensors of file ``name`` (e.g. ``objective.safetensors``) whose keys start with ``prefix``."""
@@ -89,12 +99,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,8 +137,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, objective_state: d
                     manifest: dict[str, Any], keep: int = 0) -> Path:
     """Write ``checkpoint-<step>`` atomically and prune to the newest ``keep`` (0 = keep all).
 
-    Any ``OSError`` (disk full, permissions) propagates after the temporary directory is removed; the
-    checkpoints already on disk are never touched by a failed save.
+    Any ``OSError`` (disk full, permissions; also when safetensors reports it) propagates after the
+    temporary directory is removed; the checkpoints already on disk are never touched by a failed save.
+    A broken checkpoint of the same step is moved aside (:func:`move_aside`), never deleted.
 
     Args:
         objective_state: ``objective.state_dict()`` (unwrapped).
@@ -150,23 +155,24 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, objective_state: d
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _save_tensors(objective_state, tmp / "objective.safetensors")
+        save_tensors(objective_state, tmp / "objective.safetensors")
         extra = {}
         if optimizer_state is not None:
             tensors, extra = optimizer_to_flat(optimizer_state)
-            _save_tensors(tensors, tmp / "optimizer.safetensors")
+            save_tensors(tensors, tmp / "optimizer.safetensors")
         for rank, rng in enumerate(rng_states):
-            _save_tensors(rng, tmp / f"rng-rank{rank}.safetensors")
+            save_tensors(rng, tmp / f"rng-rank{rank}.safetensors")
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         body = {"format": FORMAT, "version": VERSION, "step": step, **manifest,
                 "optimizer": extra or None, "files": files}
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(body, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_json(tmp / "manifest.json", body, fsync=True)
         _fsync_dir(tmp)
         if final.exists():   # a re-save of the same step: the old one moves aside only once the new is complete
-            _discard(final)
+            try:
+                verify_checkpoint(final, hashes=False)
+                _discard(final)
+            except CheckpointError:   # a broken one is kept for inspection, never deleted
+                move_aside(run_dir, [final], "broken")
         os.replace(tmp, final)
         _fsync_dir(run_dir)
     except BaseException:
@@ -182,6 +188,22 @@ def _discard(path: Path) -> None:
     trash = path.with_name(f"{TRASH}{path.name}-{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def move_aside(run_dir: str | os.PathLike, paths: list[Path], why: str) -> Path:
+    """Move ``paths`` (checkpoints, logs …) of ``run_dir`` into a new folder ``<why>-<UTC time>/`` in it, where
+    nothing reads them again (not a ``checkpoint-*``) but everything stays for inspection. Returns the folder."""
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder, n = run_dir / f"{why}-{stamp}", 1
+    while folder.exists():
+        n += 1
+        folder = run_dir / f"{why}-{stamp}-{n}"
+    folder.mkdir()
+    for path in paths:
+        os.replace(path, folder / path.name)
+    _fsync_dir(run_dir)
+    return folder
 
 
 def _alive(pid: int) -> bool:
@@ -222,20 +244,30 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> Checkpoin
         raise CheckpointError(f"checkpoint {path} is incomplete: no manifest.json")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} has a corrupted manifest.json: {exc}") from exc
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    except OSError as exc:   # another user's run we may not read, an I/O error
+        raise CheckpointError(f"cannot read {manifest_path}: {exc.strerror or exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        found = manifest if isinstance(manifest, dict) else {}
         raise CheckpointError(f"{path} is not a fewstep checkpoint of version {VERSION} "
-                              f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
-    for name, info in manifest.get("files", {}).items():
+                              f"(format {found.get('format')!r}, version {found.get('version')!r})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(i, dict) and {"bytes", "sha256"} <= i.keys()
+                                              for i in files.values()):
+        raise CheckpointError(f"checkpoint {path} has a manifest.json without a valid 'files' table")
+    for name, info in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
         if file.stat().st_size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {file} is truncated or corrupted: "
                                   f"{file.stat().st_size} bytes, manifest says {info['bytes']}")
-        if hashes and _sha256(file) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} is corrupted: SHA-256 does not match its manifest")
+        try:
+            if hashes and _sha256(file) != info["sha256"]:
+                raise CheckpointError(f"checkpoint file {file} is corrupted: SHA-256 does not match its manifest")
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from exc
     return Checkpoint(path, manifest)
 
 
@@ -298,4 +330,4 @@ def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any] | None:
     """The optimizer state dict stored in ``ckpt`` (``None`` if it has none)."""
     if ckpt.manifest.get("optimizer") is None:
         return None
-    return optimizer_from_flat(ckpt.tensors("optimizer.safetensors"), ckpt.manifest["optimizer"])
+    return optimizer_from_flat(ckpt.tensors("optimizer.safetensors"), ckpt.field("optimizer"))

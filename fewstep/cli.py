@@ -161,14 +161,14 @@ def sample(
         results = [run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
                                guidance=guidance, batch_size=batch, device=dev, autocast=dev.type == "cuda")
                    for n in nfes]
-        if ckpt.manifest["data_spec"].get("kind") == "points":   # toy data: one scatter panel per NFE
+        if ckpt.field("data_spec").get("kind") == "points":   # toy data: one scatter panel per NFE
             from fewstep.plots import scatter_png
 
             scatter_png(out, [r.images.flatten(1)[:, :2] for r in results])
         else:
             from fewstep.sample import output_decoder
 
-            decode = output_decoder(cfg.data, ckpt.manifest["data_spec"], device=dev)   # VAE decode for latents
+            decode = output_decoder(cfg.data, ckpt.field("data_spec"), device=dev)   # VAE decode for latents
             write_png(out, make_grid([decode(r.images) for r in results]))
         if save_tensor:
             from safetensors.torch import save_file

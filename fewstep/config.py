@@ -101,6 +101,10 @@ class TrainConfig:
         checkpoint_blocks: with ``activation_checkpointing``, recompute only the first this many
             blocks (``None``: all): memory and recompute both scale with the number, so pick the
             smallest that fits (``fewstep bench step --checkpointing --set train.checkpoint_blocks=N``).
+        cpu_threads: PyTorch threads of a CPU run; ``None`` (auto) honours ``OMP_NUM_THREADS``, else takes
+            the cores not busy with other work, split over this host's processes
+            (:mod:`fewstep.train.resources`: on a busy 2-core machine two threads ran 2.6–6× slower than
+            one). GPU runs ignore it.
         distributed: with several processes, ``ddp`` (every rank holds the model; Accelerate's DDP
             wraps the objective) or ``fsdp2`` (parameters, EMA tracks and teacher sharded over ranks
             with ``fully_shard``); see :mod:`fewstep.train.distributed` and docs/distributed.md.
@@ -129,6 +133,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_blocks: int | None = None
     distributed: Literal["ddp", "fsdp2"] = "ddp"
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fewstep.contracts import Objective
+from fewstep.files import write_atomic, write_json
 from fewstep.images import to_uint8
 from fewstep.metrics.extractors import FeatureExtractor, make_extractor
 from fewstep.metrics.fid import FeatureStats, frechet_distance
@@ -47,13 +48,14 @@ class ReferenceStats:
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, metadata: dict[str, Any]) -> Path:
     """Write ``mu``, ``sigma`` (float64) and ``metadata`` (a JSON string) to an ``.npz``, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": STATS_FORMAT, **metadata, "count": stats.n}
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, mu=stats.mean().cpu().numpy(), sigma=stats.cov().cpu().numpy(), metadata=np.array(json.dumps(meta)))
-    os.replace(tmp, path)
-    return path
+    arrays = {"mu": stats.mean().cpu().numpy(), "sigma": stats.cov().cpu().numpy(), "metadata": np.array(json.dumps(meta))}
+
+    def savez(tmp: Path) -> None:
+        with open(tmp, "wb") as f:   # a file object: np.savez would append .npz to a path
+            np.savez(f, **arrays)
+
+    return write_atomic(path, savez)
 
 
 def load_stats(path: str | os.PathLike) -> ReferenceStats:
@@ -154,13 +156,6 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def _write_json(path: Path, body: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
-
-
 def make_reference(data: Any, out: str | os.PathLike, *, extractor: str = "inception",
                    extractor_options: dict | None = None, num: int | None = None, batch: int = 256,
                    show_progress: bool = True) -> dict[str, Any]:
@@ -223,7 +218,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     acc = _accelerator()
     ex = make_extractor(extractor, device=acc.device, **(extractor_options or {}))   # missing weights: fail first
     objective, cfg, ckpt = load_objective(run, device=acc.device)
-    spec = ckpt.manifest["data_spec"]
+    spec = ckpt.field("data_spec")
     kind = spec.get("kind", "pixels")
     if kind == "points":
         raise ValueError("FID needs images; this run generates points (see metrics.json of the toy evaluation)")
@@ -264,7 +259,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         "dataset": cfg.data.name, "num_processes": acc.num_processes,
     })
     if acc.is_main_process:
-        _write_json(Path(out) if out else ckpt.path.parent / "fid.json", body)
+        write_json(Path(out) if out else ckpt.path.parent / "fid.json", body)
     acc.wait_for_everyone()
     return body
 

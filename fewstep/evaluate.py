@@ -11,7 +11,6 @@ smaller than ≈ 0.03 are not significant.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ import torch
 from fewstep.contracts import Objective
 from fewstep.metrics.sliced_wasserstein import sliced_wasserstein
 from fewstep.plots import scatter_png
+from fewstep.files import write_json
 from fewstep.sample import sample
 
 NUM_PROJECTIONS = 1024
@@ -91,8 +91,5 @@ def evaluate_points(objective: Objective, dataset_test: Any, run_dir: str | os.P
         "metric": "SW-2 (sliced Wasserstein-2, data units) of samples vs the first `num` test points",
         "scatter": scatter,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)
     return metrics

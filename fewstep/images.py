@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from fewstep.files import write_atomic
 
 
 def to_uint8(images: Tensor, rounding: Literal["round", "truncate"] = "round") -> Tensor:
@@ -68,13 +69,7 @@ def write_png(path: str | os.PathLike, image: Tensor) -> Path:
 
     header = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, png)
 
 
 def read_png(path: str | os.PathLike) -> Tensor:

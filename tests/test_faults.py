@@ -22,7 +22,7 @@ from test_reliability import EVERY_2, assert_same, one_thread, snapshot, straigh
 from test_train import read_log, tiny
 
 import fewstep.train.loop
-from fewstep import checkpoints
+from fewstep import checkpoints, files
 from fewstep.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
 from fewstep.objectives.fm import FlowMatching
 from fewstep.train import train
@@ -82,8 +82,9 @@ class Child:
         return os.waitstatus_to_exitcode(status)
 
 
-# Every file-system effect of a save, in order: tensor files, fsyncs, the manifest, renames, deletions.
-HOOKS = [(checkpoints, "save_file"), (os, "fsync"), (json, "dump"), (os, "replace"), (shutil, "rmtree")]
+# Every file-system effect of a save, in order: tensor files, fsyncs, the manifest, renames (each file's
+# own into the temporary directory, then the directory's), deletions.
+HOOKS = [(files, "save_file"), (os, "fsync"), (checkpoints, "write_json"), (os, "replace"), (shutil, "rmtree")]
 
 
 def pause_at(send, when, armed=lambda: True):
@@ -147,11 +148,11 @@ def test_sigkill_at_every_point_of_a_save_leaves_the_previous_checkpoint(tmp_pat
         assert latest_checkpoint(run).step == 4
         assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp", ".trash"))]
     names = [m.split()[1] for m in seen]
-    assert len(seen) >= 10 and set(names) == {"save_file", "fsync", "dump", "replace", "rmtree"}, seen
+    assert len(seen) >= 10 and set(names) == {"save_file", "fsync", "write_json", "replace", "rmtree"}, seen
     assert names.index("rmtree") > names.index("replace")   # killed both before and after the rename
 
 
-@pytest.mark.parametrize("point", [("save_file", 1, "during"), ("dump", 1, "before"), ("replace", 1, "before"),
+@pytest.mark.parametrize("point", [("save_file", 1, "during"), ("write_json", 1, "before"), ("replace", 5, "before"),
                                    ("fsync", 6, "before")],
                          ids=["objective-half-written", "manifest", "before-rename", "after-rename"])
 def test_sigkill_during_a_training_save_then_resume_is_exact(fashion_dir, tmp_path, straight, point):  # noqa: F811
@@ -160,7 +161,7 @@ def test_sigkill_during_a_training_save_then_resume_is_exact(fashion_dir, tmp_pa
 
     def child(send, wait):
         state = {"armed": False, "seen": {}}
-        real = fewstep.train.loop.save_checkpoint
+        real = fewstep.train.checkpointer.save_checkpoint
 
         def save(run_dir, step, **kw):
             state["armed"] = step == 4
@@ -170,7 +171,7 @@ def test_sigkill_during_a_training_save_then_resume_is_exact(fashion_dir, tmp_pa
             state["seen"][name] = state["seen"].get(name, 0) + 1
             return mode if (name, state["seen"][name]) == (target, occurrence) else None
 
-        fewstep.train.loop.save_checkpoint = save
+        fewstep.train.checkpointer.save_checkpoint = save
         pause_at(send, when, armed=lambda: state["armed"])
         train(cfg, run, show_progress=False)
         send("done")
@@ -210,7 +211,8 @@ def test_sigterm_stops_after_the_current_step_with_a_checkpoint(fashion_dir, tmp
     report = json.loads(proc.line())
     assert proc.exit_code() == 0
     assert report == {"step": 3, "stopped": "SIGTERM", "checkpoint": "checkpoint-00000003"}
-    assert read_log(run)[-1] == {"event": "stopped", "signal": "SIGTERM", "step": 3, "kimg": 0.048}
+    assert read_log(run)[-1] == {"event": "stopped", "signal": "SIGTERM", "step": 3, "kimg": 0.048,
+                                 "resume": f"train() with run directory {run}"}
     result = train(cfg, run, show_progress=False)
     assert result.step == 8 and result.stopped is None
     assert_same(snapshot(result.checkpoint), straight[8])

@@ -163,7 +163,7 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(fashion_
 def fail_saves(monkeypatch, steps, error, before=lambda step: None):
     """Saves of ``steps`` raise ``error`` after writing their first file (a disk that fills up mid-save);
     ``before(step)`` runs as each save starts."""
-    real_save, real_write = checkpoints.save_checkpoint, checkpoints._save_tensors
+    real_save, real_write = checkpoints.save_checkpoint, checkpoints.save_tensors
     state = {"writes": 0, "armed": False}
 
     def write(tensors, path):
@@ -177,8 +177,8 @@ def fail_saves(monkeypatch, steps, error, before=lambda step: None):
         state.update(writes=0, armed=step in steps)
         return real_save(run_dir, step, **kw)
 
-    monkeypatch.setattr(checkpoints, "_save_tensors", write)
-    monkeypatch.setattr("fewstep.train.loop.save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_tensors", write)
+    monkeypatch.setattr("fewstep.train.checkpointer.save_checkpoint", save)
 
 
 def files_of(path):
@@ -203,8 +203,9 @@ def test_a_failed_save_keeps_training_and_the_previous_checkpoint(fashion_dir, t
 def test_a_failed_final_save_is_an_error_and_resume_continues(fashion_dir, tmp_path, monkeypatch, straight):
     run = tmp_path / "f"
     fail_saves(monkeypatch, {8}, OSError(errno.ENOSPC, "No space left on device"))
-    with pytest.raises(CheckpointWriteError, match=r"checkpoint-00000008 .*No space left on device.*state is still "
-                       r"in memory and the newest checkpoint \(checkpoint-00000006\) is untouched"):
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-00000008 .*No space left on device.*newest checkpoint "
+                       r"\(checkpoint-00000006\) is intact; a checkpoint needs about .* free at least .*then run "
+                       r"`train\(\) with run directory .*` to resume from it"):
         train(tiny(fashion_dir, **EVERY_2), run, show_progress=False)
     assert latest_checkpoint(run).step == 6
     monkeypatch.undo()
@@ -226,7 +227,7 @@ def test_a_read_only_run_directory_during_a_save(fashion_dir, tmp_path, monkeypa
                 run_dir.chmod(0o755)
         return real_save(run_dir, step, **kw)
 
-    monkeypatch.setattr("fewstep.train.loop.save_checkpoint", save)
+    monkeypatch.setattr("fewstep.train.checkpointer.save_checkpoint", save)
     result = train(tiny(fashion_dir, **EVERY_2), run, show_progress=False)
     assert [r["step"] for r in read_log(run) if r.get("event") == "save_failed"] == [4]
     assert_same(snapshot(result.checkpoint), straight[8])

@@ -7,6 +7,7 @@ also have ``get_batch(indices)``, the fast batched path the training loader pref
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -90,15 +91,38 @@ def load_dataset(cfg: DataConfig) -> Any:
     """
     from fewstep.registry import datasets
 
-    name = cfg.name
-    if name not in datasets and ":" in name:
-        name = name.split(":", 1)[0]
+    name = check_data_config(cfg)
     dataset = datasets.get(name)(cfg)
     if not isinstance(getattr(dataset, "spec", None), DataSpec):
         raise DataError(f"dataset {cfg.name!r} ({datasets.entry(name).source}) returned an object without "
                         f"a DataSpec .spec: {type(dataset).__name__}")
     check_dataset(dataset, cfg.name)
     return dataset
+
+
+def check_data_config(cfg: DataConfig) -> str:
+    """Check a data config without loading anything (so ``--dry-run`` checks it too) and return the
+    registered dataset that serves it: the name is registered (or ``PREFIX:ARG`` with a registered
+    prefix, suggesting the closest names otherwise), an explicit ``root`` exists, and so does the
+    folder of ``imagefolder:PATH`` / ``latents:DIR``."""
+    from fewstep.config import ConfigError
+    from fewstep.registry import datasets
+
+    name = cfg.name
+    if name not in datasets and ":" in name:
+        name = name.split(":", 1)[0]
+    datasets.entry(name)   # unknown names: RegistryError with the closest ones
+    if cfg.root is not None and not Path(cfg.root).expanduser().exists():
+        raise ConfigError(f"data.root={cfg.root!r} does not exist; pass the directory that holds the dataset's "
+                          f"files, or leave data.root unset to use the default search path")
+    if name in ("imagefolder", "latents") and ":" in cfg.name:
+        folder = Path(cfg.name.split(":", 1)[1]).expanduser()
+        if not folder.is_dir():
+            raise DataNotFoundError(f"--data {cfg.name}: {folder} is not a directory")
+    for field, value, low in (("data.num_workers", cfg.num_workers, 0), ("data.resolution", cfg.resolution, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{field} must be ≥ {low}, got {value}")
+    return name
 
 
 def check_labels(labels: Tensor, num_classes: int, name: str) -> None:

@@ -72,9 +72,13 @@ def read_idx(path: str | os.PathLike, magic: int) -> Tensor:
 
 
 def search_dirs(root: str | os.PathLike | None = None) -> list[Path]:
-    """Directories searched for the IDX files, in order: ``root``, ``$FEWSTEP_DATA`` (itself, then its
-    ``fashion-mnist`` sub-directory), ``/usr/share/datasets/fashion-mnist``."""
-    dirs = [Path(root).expanduser()] if root else []
+    """Directories searched for the IDX files, in order: ``root`` (itself, then its ``fashion-mnist``
+    sub-directory) when given, and nothing else: a run records the root it was given, so it must not
+    silently read another copy; without ``root``, ``$FEWSTEP_DATA`` (itself, then its ``fashion-mnist``
+    sub-directory) and ``/usr/share/datasets/fashion-mnist``."""
+    if root:
+        return [Path(root).expanduser(), Path(root).expanduser() / "fashion-mnist"]
+    dirs = []
     if env := os.environ.get("FEWSTEP_DATA"):
         dirs += [Path(env).expanduser(), Path(env).expanduser() / "fashion-mnist"]
     dirs.append(SYSTEM_DIR)

@@ -75,8 +75,13 @@ class HFImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         """``(x, y)``: x (3, R, R) float32 in [−1, 1], y a 0-d int64 label."""
-        row = self.hf[int(index)]
-        image, r = row[self.image_column].convert("RGB"), self.spec.resolution
+        try:
+            row = self.hf[int(index)]
+            image = row[self.image_column].convert("RGB")
+        except Exception as exc:   # PIL's UnidentifiedImageError, OSError of a truncated file …
+            raise DataError(f"{self.spec.name}: item {index} ({_source(self.hf, self.image_column, index)}) is not a "
+                            f"readable image ({exc}); remove or replace that file") from exc
+        r = self.spec.resolution
         if self.crop:
             image = center_crop(image, r)
         elif image.size != (r, r):
@@ -124,8 +129,12 @@ def _common_size(hf: Any, column: str, name: str) -> int:
     raw = hf.select(range(min(len(hf), SIZE_SCAN))).cast_column(column, datasets.Image(decode=False))
     first = None
     for i, item in enumerate(raw[column]):
-        with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
-            size = image.size
+        try:
+            with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                size = image.size
+        except Exception as exc:   # PIL's UnidentifiedImageError, an unreadable file …
+            raise DataError(f"{name}: item {i} ({item.get('path') or 'embedded bytes'}) is not a readable image "
+                            f"({exc}); remove or replace that file") from exc
         if first is None:
             first = (i, size)
         elif size != first[1]:
@@ -138,6 +147,17 @@ def _common_size(hf: Any, column: str, name: str) -> int:
         raise DataError(f"{name}: images are {_wh(first[1])}, not square; set data.resolution to "
                         f"centre-crop and resize them")
     return first[1][0]
+
+
+def _source(hf: Any, column: str, index: int) -> str:
+    """The file behind item ``index`` of an image column (read without decoding), for messages."""
+    import datasets
+
+    try:
+        item = hf.select([int(index)]).cast_column(column, datasets.Image(decode=False))[0][column]
+        return item.get("path") or "embedded bytes"
+    except Exception:   # naming the file must never hide the original error
+        return "file unknown"
 
 
 def _wh(size: tuple[int, int]) -> str:

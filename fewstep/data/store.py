@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fewstep.data.base import DataError, DataNotFoundError
+from fewstep.files import write_json
 
 META_FILE = "latents.json"
 FORMAT = "fewstep-latents"
@@ -39,13 +40,6 @@ def shard_file(k: int, num_shards: int) -> str:
     """File name of shard ``k`` (the names ``Dataset.save_to_disk`` uses)."""
     return f"data-{k:05d}-of-{num_shards:05d}.arrow"
 
-
-def write_json(path: Path, body: Any) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
 
 
 def read_meta(root: str | os.PathLike) -> dict:

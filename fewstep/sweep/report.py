@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewstep.checkpoints import latest_checkpoint
+from fewstep.files import write_atomic
 from fewstep.registry import objectives
 from fewstep.train.status import status_records
 from fewstep.sweep.spec import POINTS_METRIC, SweepSpec
@@ -76,7 +76,7 @@ def collect(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = No
         seconds = ckpt.manifest.get("train_seconds") if ckpt else None
         rows.append(Row(member=m.name, objective=m.objective, overrides=" ".join(m.overrides), status=status,
                         scores={str(k): float(v) for k, v in ev["scores"].items()} if status == "ok" else {},
-                        kimg=float(ckpt.manifest["kimg"]) if ckpt else None, steps=ckpt.step if ckpt else None,
+                        kimg=float(ckpt.field("kimg")) if ckpt else None, steps=ckpt.step if ckpt else None,
                         img_per_s=statistics.median(speeds) if speeds else None,
                         minutes=seconds / 60 if seconds is not None else None,
                         peak_mem_gib=max(peaks) if peaks else None, device=(ev or {}).get("device"),
@@ -158,7 +158,7 @@ def write_report(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None
     files = [sweep_dir / "results.csv", sweep_dir / "results.md", sweep_dir / "metric_vs_nfe.png",
              sweep_dir / "loss_curves.png"]
     write_csv(files[0], spec, rows)
-    _atomic_text(files[1], markdown(spec, rows))
+    write_atomic(files[1], markdown(spec, rows))
     label = metric_label(spec.metric)
     series = [Series(r.member, list(spec.nfe), [r.scores.get(str(n), math.nan) for n in spec.nfe]) for r in rows]
     what = label if spec.metric in label else f"{label} ({spec.metric})"
@@ -173,7 +173,4 @@ def write_report(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None
     return files + [grid_path(sweep_dir, m) for m in spec.members if grid_path(sweep_dir, m).is_file()]
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+

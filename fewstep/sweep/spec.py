@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.config import ConfigError, RunConfig, coerce
+from fewstep.files import write_json
 
 SPEC_FILE = "sweep.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -265,10 +266,7 @@ def check_saved(sweep_dir: Path, spec: SweepSpec) -> list[str]:
                              f"budget, may change)")
         if not changes:
             return []
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = sweep_dir / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(new, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, new)
     return changes
 
 

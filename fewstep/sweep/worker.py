@@ -25,6 +25,7 @@ import torch
 
 from fewstep.checkpoints import latest_checkpoint
 from fewstep.config import RunConfig
+from fewstep.files import write_json
 from fewstep.sweep.spec import POINTS_METRIC, SPEC_FILE, Member, SweepSpec, member_config, spec_from_dict
 
 EVAL_FILE = "eval.json"
@@ -79,7 +80,7 @@ def member_state(sweep_dir: Path, spec: SweepSpec, member: Member, cfg: RunConfi
     record = read_json(run_dir / EVAL_FILE)
     evaluated = (trained and record is not None and record.get("checkpoint_step") == ckpt.step
                  and grid_path(sweep_dir, member).is_file())
-    return MemberState(trained, evaluated, float(ckpt.manifest["kimg"]), ckpt.step)
+    return MemberState(trained, evaluated, float(ckpt.field("kimg")), ckpt.step)
 
 
 def read_json(path: Path) -> dict | None:
@@ -87,12 +88,6 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_json(path: Path, body: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def run_member(sweep_dir: str | os.PathLike, spec: SweepSpec, name: str, *, eval_batch: int | None = None,
@@ -153,7 +148,7 @@ def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_ba
                    autocast=device.type == "cuda" and cfg.train.precision == "bf16")
         extra = {"sample_images_per_second": detail["images_per_second"], "evaluations": detail["evaluations"]}
     body = {"metric": spec.metric, "nfe": list(spec.nfe), "num": spec.num, "scores": scores,
-            "checkpoint_step": ckpt.step, "kimg": ckpt.manifest["kimg"],
+            "checkpoint_step": ckpt.step, "kimg": ckpt.field("kimg"),
             "train_seconds": ckpt.manifest.get("train_seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "seconds": round(time.perf_counter() - t0, 2), **extra}

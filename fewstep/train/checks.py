@@ -3,21 +3,23 @@ directory (its ``config.json`` and newest checkpoint) may be continued with a co
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
 
-from fewstep.build import check_compatible
-from fewstep.checkpoints import Checkpoint, latest_checkpoint, verify_checkpoint
+from fewstep.build import check_compatible, config_changes
+from fewstep.checkpoints import Checkpoint, latest_checkpoint, list_checkpoints, move_aside, verify_checkpoint
 from fewstep.config import ConfigError, RunConfig, run_config_from_dict, to_dict
 from fewstep.contracts import DataSpec
+from fewstep.data.base import check_data_config
 
 # Fields that may change between a run and its resumption (length and bookkeeping only).
 RESUMABLE_CHANGES = {"train.total_kimg", "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.max_minutes", "train.compile",
                      "train.compile_tuning", "train.activation_checkpointing", "train.checkpoint_blocks",
-                     "train.distributed", "data.num_workers", "data.root", "sample.nfe", "sample.num_images",
+                     "train.distributed", "train.cpu_threads", "data.num_workers", "data.root", "sample.nfe", "sample.num_images",
                      "sample.weights", "sample.guidance"}
 
 
@@ -44,41 +46,96 @@ def plan_batches(cfg: RunConfig, world: int) -> Layout:
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Types and ranges of a config, also one built in Python (CLI overrides are checked when parsed)."""
+    """Types and ranges of a config, also one built in Python (CLI overrides are checked when parsed), and
+    its data section (names, paths): everything about the input that can be checked without compute."""
     try:
         data = to_dict(cfg)
     except TypeError as exc:
         raise ConfigError(f"the config holds a value that is not a plain number, string, list or dict: {exc}") from exc
     run_config_from_dict(data)   # type-checks every field against its dataclass
-    t = cfg.train
-    for name in ("status_kimg", "checkpoint_kimg", "sample_kimg"):
-        if getattr(t, name) < 0:
-            raise ConfigError(f"train.{name} must be ≥ 0, got {getattr(t, name)}")
-    if not t.total_kimg > 0:
-        raise ConfigError(f"train.total_kimg must be > 0, got {t.total_kimg}")
-    if t.checkpoint_blocks is not None and not t.activation_checkpointing:
-        raise ConfigError("train.checkpoint_blocks chooses how many blocks activation checkpointing recomputes; "
-                          "set train.activation_checkpointing=true with it")
-    if t.compile_tuning and not t.compile:
-        raise ConfigError("train.compile_tuning tunes the kernels torch.compile generates; set train.compile=true "
-                          "with it")
-    if t.max_bad_steps < 1 or t.keep_checkpoints < 0:
-        raise ConfigError(f"train.max_bad_steps must be ≥ 1 and train.keep_checkpoints ≥ 0, got "
-                          f"{t.max_bad_steps} and {t.keep_checkpoints}")
+    t, s = cfg.train, cfg.sample
+    problems = [
+        (t.total_kimg > 0, f"train.total_kimg must be > 0, got {t.total_kimg}"),
+        (t.lr > 0 and math.isfinite(t.lr), f"train.lr must be a finite number > 0, got {t.lr}"),
+        (all(0 <= b < 1 for b in t.betas), f"train.betas must both be in [0, 1), got {t.betas}"),
+        (t.eps > 0, f"train.eps must be > 0, got {t.eps}"),
+        (t.weight_decay >= 0, f"train.weight_decay must be ≥ 0, got {t.weight_decay}"),
+        (t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be > 0 (or none: no clipping), got {t.grad_clip}"),
+        (t.batch_per_gpu is None or t.batch_per_gpu >= 1, f"train.batch_per_gpu must be ≥ 1 (or none), got {t.batch_per_gpu}"),
+        (t.max_bad_steps >= 1, f"train.max_bad_steps must be ≥ 1, got {t.max_bad_steps}"),
+        (t.keep_checkpoints >= 0, f"train.keep_checkpoints must be ≥ 0 (0 keeps all), got {t.keep_checkpoints}"),
+        (t.cpu_threads is None or t.cpu_threads >= 1, f"train.cpu_threads must be ≥ 1 (or none: auto), got {t.cpu_threads}"),
+        *[(getattr(t, name) >= 0, f"train.{name} must be ≥ 0, got {getattr(t, name)}")
+          for name in ("status_kimg", "checkpoint_kimg", "sample_kimg")],
+        *[(0 <= beta < 1, f"train.ema_betas[{name!r}] must be a decay in [0, 1), got {beta}")
+          for name, beta in t.ema_betas.items()],
+        (len(s.nfe) > 0 and all(n >= 1 for n in s.nfe), f"sample.nfe must be ≥ 1 jumps each, got {list(s.nfe)}"),
+        (s.num_images >= 1, f"sample.num_images must be ≥ 1, got {s.num_images}"),
+        (s.weights == "online" or s.weights in t.ema_betas,
+         f"sample.weights must be 'online' or an EMA track of train.ema_betas ({', '.join(t.ema_betas) or 'none'}), "
+         f"got {s.weights!r}"),
+        (t.checkpoint_blocks is None or t.activation_checkpointing,
+         "train.checkpoint_blocks chooses how many blocks activation checkpointing recomputes; set "
+         "train.activation_checkpointing=true with it"),
+        (not t.compile_tuning or t.compile,
+         "train.compile_tuning tunes the kernels torch.compile generates; set train.compile=true with it"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise ConfigError(message)
+    check_data_config(cfg.data)
 
 
-def find_resume(run_dir: Path, cfg: RunConfig, spec: DataSpec, accelerator: Accelerator,
-                 notes: list[str]) -> Checkpoint | None:
-    """Check the run directory against ``cfg`` and pick the checkpoint to resume (the same on all ranks)."""
+def preflight(cfg: RunConfig, world: int) -> Layout:
+    """Everything ``fewstep train`` checks before any compute, ``--dry-run`` included: the config
+    (:func:`check_config`) and the batch layout over ``world`` processes (:func:`plan_batches`)."""
+    check_config(cfg)
+    return plan_batches(cfg, world)
+
+
+def find_resume(run_dir: Path, cfg: RunConfig, spec: DataSpec, accelerator: Accelerator, notes: list[tuple[str, str]],
+                restart: bool = False) -> Checkpoint | None:
+    """Check the run directory against ``cfg`` and pick the checkpoint to resume (the same on all ranks);
+    what the trainer should log goes to ``notes`` as (event name, message).
+
+    * A newest checkpoint that is broken is skipped (reported in ``notes``) for the one before it.
+    * If every checkpoint is broken, the run is refused: they stay for inspection, and ``restart``
+      (``--restart``) moves them aside (:func:`move_aside`) to train from step 0.
+    * A run directory without any checkpoint (a run that failed before its first save) takes the new
+      config, whatever its ``config.json`` says; with checkpoints, only :data:`RESUMABLE_CHANGES` may differ.
+    * ``restart`` moves the checkpoints, ``log.jsonl``, ``metrics.json`` and ``samples/`` of the run
+      directory aside, whatever their state, and starts over (the config may change).
+    """
     name = None
     if accelerator.is_main_process:
+        paths = list_checkpoints(run_dir)
+        skipped: list[str] = []
+        ckpt = latest_checkpoint(run_dir, report=skipped.append)
+        if restart and (paths or (run_dir / "log.jsonl").exists()):
+            old = [p for p in [*paths, *(run_dir / n for n in ("log.jsonl", "metrics.json", "samples", "config.json"))]
+                   if p.exists()]
+            folder = move_aside(run_dir, old, "restarted")
+            notes.append(("restarted", f"--restart: moved {len(paths)} checkpoint(s) and the run's log, samples and "
+                                       f"config into {folder}"))
+            ckpt, skipped = None, []
+        elif paths and ckpt is None:
+            raise ConfigError(
+                f"every checkpoint in {run_dir} is broken ({'; '.join(_reason(m) for m in skipped)}); they are kept "
+                f"for inspection. To train from step 0 in this directory, rerun with --restart (it moves them, "
+                f"log.jsonl and samples/ into {run_dir}/restarted-<time>/, deleting nothing), or use another --out")
+        notes.extend(("checkpoint_skipped", f"skipping checkpoint: {m}") for m in skipped)
         saved = run_dir / "config.json"
         if saved.exists():
-            body = json.loads(saved.read_text())
-            check_compatible(body["config"], body.get("data_spec"), cfg, spec, str(run_dir), RESUMABLE_CHANGES)
-        ckpt = latest_checkpoint(run_dir, report=notes.append)
+            body = _read_config(saved)
+            if ckpt is None:   # nothing trained yet: a corrected config may replace the one that failed
+                changes = config_changes(body["config"], to_dict(cfg), RESUMABLE_CHANGES)
+                if changes:
+                    notes.append(("config_replaced", f"{run_dir} has no checkpoint yet, so its config.json is replaced "
+                                  f"by this one ({'; '.join(changes[:6])}{' …' if len(changes) > 6 else ''})"))
+            else:
+                check_compatible(body["config"], body.get("data_spec"), cfg, spec, str(run_dir), RESUMABLE_CHANGES)
         if ckpt is not None:
-            check_compatible(ckpt.manifest["config"], ckpt.manifest.get("data_spec"), cfg, spec,
+            check_compatible(ckpt.field("config"), ckpt.manifest.get("data_spec"), cfg, spec,
                              f"checkpoint {ckpt.path}", RESUMABLE_CHANGES)
             name = ckpt.path.name
     if accelerator.num_processes > 1:
@@ -88,3 +145,23 @@ def find_resume(run_dir: Path, cfg: RunConfig, spec: DataSpec, accelerator: Acce
     if name is None:
         return None
     return ckpt if accelerator.is_main_process else verify_checkpoint(run_dir / name, hashes=False)
+
+
+def _reason(message: str) -> str:
+    """``checkpoint-00000002: truncated …`` from a :class:`CheckpointError` message naming the path."""
+    return message.replace("checkpoint file ", "").replace("checkpoint ", "")
+
+
+def _read_config(path: Path) -> dict:
+    """A run's ``config.json``: a dict with a ``config`` section, or one line naming the file."""
+    try:
+        body = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); restore it from a checkpoint's manifest.json, or "
+                          f"move it away to start this run directory afresh") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("config"), dict):
+        raise ConfigError(f"{path} is not a fewstep run config (no 'config' section); restore it from a "
+                          f"checkpoint's manifest.json, or move it away to start this run directory afresh")
+    return body

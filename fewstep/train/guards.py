@@ -15,7 +15,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -35,14 +35,19 @@ class Preemption:
     Handlers are installed only in the main thread (elsewhere signals keep their default behaviour)
     and the previous handlers are restored on exit.
 
+    Args:
+        notify: called with the signal's name when the first one arrives (the trainer prints
+            "stopping after this step"), so a user who pressed Ctrl-C knows it was heard.
+
     Attributes:
         received: name of the first signal received (``"SIGTERM"``/``"SIGINT"``), or ``None``.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[str], None] | None = None) -> None:
         self.received: str | None = None
+        self.notify = notify
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Preemption:
@@ -52,9 +57,12 @@ class Preemption:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
         self.received = self.received or signal.Signals(signum).name
         previous = self._previous.get(signum)
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)   # the next one is not caught
+        if first and self.notify is not None:
+            self.notify(self.received)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, previous in self._previous.items():
@@ -91,17 +99,15 @@ class BadSteps:
     """Per-step non-finite detection with one host sync per step.
 
     Call :meth:`observe` on each micro-batch's :class:`LossOutput`, then :meth:`verdict` with the global
-    gradient norm (and, on several processes, a reduce function), then :meth:`record` the verdict.
+    gradient norm (and, on several processes, a reduce function); :meth:`describe` says what went wrong in
+    a bad step, and :meth:`clear` forgets the step's outputs. The counts of skipped steps live in the
+    run's :class:`~fewstep.train.state.TrainState` (they are saved in checkpoints).
 
     Attributes:
-        limit: consecutive skipped steps that stop training.
-        skipped: skipped steps so far in the run (saved in checkpoints).
-        streak: current number of consecutive skipped steps (saved in checkpoints).
+        limit: consecutive skipped steps that stop training (``train.max_bad_steps``).
     """
 
     limit: int
-    skipped: int = 0
-    streak: int = 0
     _outs: list[LossOutput] = field(default_factory=list)
 
     def observe(self, out: LossOutput) -> None:
@@ -144,17 +150,9 @@ class BadSteps:
         t_range = (float(t_all.min()), float(t_all.max())) if t_all is not None and t_all.numel() else None
         return BadStep(list(terms), bad_samples, t_range, norm)
 
-    def record(self, bad: bool) -> None:
-        """Count the verdict and forget this step's outputs."""
+    def clear(self) -> None:
+        """Forget this step's outputs (call once per step, after the verdict)."""
         self._outs.clear()
-        if bad:
-            self.skipped, self.streak = self.skipped + 1, self.streak + 1
-        else:
-            self.streak = 0
-
-    @property
-    def exhausted(self) -> bool:
-        return self.streak >= self.limit
 
 
 class RunLock:

@@ -22,20 +22,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from fewstep import __version__
 from fewstep.backbones.inputs import trusted_labels
-from fewstep.build import build_objective, build_optimizer, load_state, resolve, write_run_config
-from fewstep.checkpoints import CheckpointWriteError, load_optimizer_state, save_checkpoint
+from fewstep.build import build_objective, build_optimizer, resolve, write_run_config
 from fewstep.compiling import compile_objective, set_activation_checkpointing
-from fewstep.config import RunConfig, to_dict
+from fewstep.config import RunConfig
 from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
+from fewstep.files import describe_os_error
 from fewstep.images import make_grid, write_png
 from fewstep.sample import output_decoder, sample
+from fewstep.train.checkpointer import Checkpointer
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
 from fewstep.train.distributed import Parallel
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
+from fewstep.train.resources import check_memory_on_all_ranks, cpu_threads, local_processes
+from fewstep.train.state import TrainState
 from fewstep.train.status import StatusLog, describe, peak_flops, where_it_runs
 
 __all__ = ["NonFiniteLossError", "RESUMABLE_CHANGES", "TrainResult", "check_config", "plan_batches", "train"]
@@ -66,8 +68,17 @@ def _next(nimg: int, interval: float) -> float:
     return (math.floor(nimg / interval) + 1) * interval if interval > 0 else math.inf
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) -> TrainResult:
-    """Train ``cfg`` in ``run_dir``, resuming from its newest valid checkpoint if there is one."""
+def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True, restart: bool = False,
+          resume_command: str | None = None) -> TrainResult:
+    """Train ``cfg`` in ``run_dir``, resuming from its newest valid checkpoint if there is one.
+
+    Args:
+        show_progress: a progress bar on a terminal (plain status lines otherwise, and always in a file).
+        restart: the run directory's checkpoints are all broken: move them (and the log and samples)
+            aside into ``restarted-<time>/`` and train from step 0, instead of refusing.
+        resume_command: the command that resumes this run, quoted in messages (the CLI passes its own
+            command line with ``--out``); default: "train() with the same run directory".
+    """
     run_dir = Path(run_dir)
     check_config(cfg)
     cfg = resolve(cfg)
@@ -79,12 +90,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True) ->
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(RunLock(run_dir))
+        stack.enter_context(cpu_threads(cfg.train.cpu_threads, accelerator.device, local_processes()))
         preempt = stack.enter_context(Preemption())
-        return _train(cfg, run_dir, accelerator, layout, preempt, show_progress, parallel)
+        return _train(cfg, run_dir, accelerator, layout, preempt, show_progress, parallel, restart,
+                      resume_command or f"train() with run directory {run_dir}")
 
 
 def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layout, preempt: Preemption,
-           show_progress: bool, parallel: Parallel) -> TrainResult:
+           show_progress: bool, parallel: Parallel, restart: bool, resume: str) -> TrainResult:
     t = cfg.train
     device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
     cuda = device.type == "cuda"
@@ -94,9 +107,10 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
 
     dataset = load_dataset(cfg.data)   # checked: not empty, labels in range, items shaped as the spec
     spec: DataSpec = dataset.spec
+    check_memory_on_all_ranks(cfg, dataset, layout.batch_per_gpu, accelerator)   # a GPU recipe on a CPU: refused
     to_pixels = output_decoder(cfg.data, spec, device=device)   # to_uint8 for pixels; VAE decode (lazy) for latents
-    notes: list[str] = []
-    ckpt = find_resume(run_dir, cfg, spec, accelerator, notes)
+    notes: list[tuple[str, str]] = []   # (event, message) to log once the status log exists
+    ckpt = find_resume(run_dir, cfg, spec, accelerator, notes, restart=restart)
     if main:
         write_run_config(run_dir, cfg, spec)
     accelerator.wait_for_everyone()
@@ -107,23 +121,9 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         set_activation_checkpointing(objective, blocks=t.checkpoint_blocks)
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
     guard = BadSteps(limit=t.max_bad_steps)
-
-    step, nimg, position, prior_seconds = 0, 0, 0, 0.0
-    opt_state = None
+    state, opt_state = TrainState(), None
     if ckpt is not None:
-        load_state(objective, ckpt)
-        opt_state = load_optimizer_state(ckpt)
-        step, nimg, position = ckpt.step, int(ckpt.manifest["nimg"]), int(ckpt.manifest["data_position"])
-        guard.skipped = int(ckpt.manifest.get("skipped_steps", 0))
-        guard.streak = int(ckpt.manifest.get("bad_streak", 0))
-        prior_seconds = float(ckpt.manifest.get("train_seconds", 0.0))
-        rng_file = ckpt.path / f"rng-rank{rank}.safetensors"
-        if rng_file.exists():
-            rng = ckpt.tensors(rng_file.name)
-            torch.set_rng_state(rng["cpu"])
-            generator.set_state(rng["objective"].to(generator.get_state().device))
-            if cuda and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"], device)
+        state, opt_state = Checkpointer.restore(ckpt, objective, generator, rank, device)
 
     if t.compile:
         compile_objective(objective, tuning=t.compile_tuning)
@@ -134,58 +134,29 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         parallel.load_optimizer_state(optimizer, opt_state, params)
     model, optimizer = parallel.prepare(objective, optimizer)
     stream = BatchStream(dataset, layout.batch_per_gpu, seed=t.seed, rank=rank, world_size=layout.world,
-                         num_workers=cfg.data.num_workers, device=device, start_position=position)
+                         num_workers=cfg.data.num_workers, device=device, start_position=state.data_position)
     batches = iter(stream)
     total_nimg = int(round(t.total_kimg * 1000))
-    status = StatusLog(run_dir, t.total_kimg, nimg / 1000, enabled=main, show_progress=show_progress)
+    status = StatusLog(run_dir, t.total_kimg, state.kimg, enabled=main, show_progress=show_progress)
+    preempt.notify = lambda name: status.print(
+        f"received {name}: stopping after this step with a checkpoint (press Ctrl-C again to abort at once; "
+        f"the last checkpoint stays intact)")
+    checkpointer = Checkpointer(run_dir, cfg, spec, accelerator, parallel, status, resume, ckpt)
     start = where_it_runs(accelerator, cfg)
-    status.event({"event": "start", "step": step, "kimg": nimg / 1000, **start}, f"running on {describe(start)}")
-    for note in notes:
-        status.event({"event": "checkpoint_skipped", "message": note}, f"warning: {note}")
+    status.event({"event": "start", "step": state.step, "kimg": state.kimg, **start}, f"running on {describe(start)}")
+    for event, note in notes:
+        status.event({"event": event, "message": note}, f"warning: {note}")
     if ckpt is not None:
-        status.print(f"resumed from {ckpt.path.name} at {nimg / 1000:.3f} kimg (step {step})")
+        status.print(f"resumed from {ckpt.path.name} at {state.kimg:.3f} kimg (step {state.step})")
     fwd_flops = getattr(objective.backbone, "forward_flops", None)
     flops_per_img = objective.flops_per_sample(fwd_flops(1)) if fwd_flops else None
     peak = peak_flops(device)
     reduce_sum = (lambda v: accelerator.reduce(v, "sum")) if layout.world > 1 else None
-    saved = {"step": ckpt.step if ckpt else -1, "path": ckpt.path if ckpt else None}
 
     def save(final: bool) -> Path | None:
-        """Write checkpoint-<step> (once per step). A failure keeps the state in memory and leaves older
-        checkpoints untouched; it is retried at the next interval, and raised when ``final``."""
-        if saved["step"] == step:
-            return saved["path"]
-        rng = {"cpu": torch.get_rng_state(), "objective": generator.get_state()}
-        if cuda:
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        rngs = accelerator.gather_for_metrics([rng], use_gather_object=True) if layout.world > 1 else [rng]
-        state, opt = parallel.model_state(model), parallel.optimizer_state(optimizer)   # full; on rank 0
-        path, error = None, None
-        if main:
-            try:
-                path = save_checkpoint(
-                    run_dir, step, objective_state=state,
-                    optimizer_state=opt, rng_states=rngs, keep=t.keep_checkpoints,
-                    manifest={"nimg": nimg, "kimg": nimg / 1000, "data_position": stream.position,
-                              "skipped_steps": guard.skipped, "bad_streak": guard.streak,
-                              "train_seconds": train_seconds(),
-                              "config": to_dict(cfg), "data_spec": dataclasses.asdict(spec),
-                              "fewstep_version": __version__, "torch_version": torch.__version__})
-            except OSError as exc:
-                error = exc
-        accelerator.wait_for_everyone()
-        if error is None:
-            saved.update(step=step, path=path)
-            return path
-        newest = saved["path"].name if saved["path"] else "none yet"
-        message = (f"could not write checkpoint-{step:08d} in {run_dir}: {error}. The training state is still "
-                   f"in memory and the newest checkpoint ({newest}) is untouched")
-        if final:
-            raise CheckpointWriteError(message + "; free space or fix permissions, then rerun the same command "
-                                       "to resume from it") from error
-        status.event({"event": "save_failed", "step": step, "kimg": nimg / 1000, "error": str(error)},
-                     f"error: {message}; training goes on and saving is retried at the next checkpoint interval")
-        return None
+        state.data_position = stream.position
+        state.train_seconds = train_seconds()
+        return checkpointer.save(state, model, optimizer, generator, final=final)
 
     def plain() -> torch.nn.Module | None:
         """The objective to sample with on rank 0 (``None`` elsewhere); collective under FSDP2."""
@@ -201,36 +172,40 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         try:
             write_png(run_dir / "samples" / f"{tag}.png", make_grid(blocks))
         except OSError as exc:
-            status.event({"event": "grid_failed", "error": str(exc)}, f"warning: sample grid {tag} not written: {exc}")
+            status.event({"event": "grid_failed", "error": str(exc)},
+                         f"warning: sample grid {tag} not written: {describe_os_error(exc)}")
 
     def skip(info: BadStep) -> None:
-        """Log a skipped step (``info`` merged over ranks) and stop after too many in a row."""
+        """Log a skipped step (``info`` merged over ranks; ``state`` already counts it) and stop after too
+        many in a row."""
         if layout.world > 1:
             infos = accelerator.gather_for_metrics([info], use_gather_object=True)
             ranges = [i.t_range for i in infos if i.t_range]
             info = BadStep(list(dict.fromkeys(k for i in infos for k in i.terms)), sum(i.bad_samples for i in infos),
                            (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None, info.grad_norm)
-        span = f"step {step + 1} (kimg {nimg / 1000:.3f}–{(nimg + t.batch) / 1000:.3f})"
+        span = f"step {state.step} (kimg {(state.nimg - t.batch) / 1000:.3f}–{state.kimg:.3f})"
         norm = info.grad_norm
-        status.event({"event": "nonfinite", "step": step + 1, "kimg": nimg / 1000, "terms": info.terms,
-                      "bad_samples": info.bad_samples, "t_range": info.t_range,
+        status.event({"event": "nonfinite", "step": state.step, "kimg": (state.nimg - t.batch) / 1000,
+                      "terms": info.terms, "bad_samples": info.bad_samples, "t_range": info.t_range,
                       "grad_norm": norm if norm is None or math.isfinite(norm) else str(norm),
-                      "consecutive": guard.streak, "skipped_steps": guard.skipped},
-                     f"warning: skipped {span}: {info.describe()} ({guard.streak} in a row, {guard.skipped} in all)")
-        if guard.exhausted:
-            newest = saved["path"].name if saved["path"] else "none written yet"
+                      "consecutive": state.bad_streak, "skipped_steps": state.skipped_steps},
+                     f"warning: skipped {span}: {info.describe()} ({state.bad_streak} in a row, "
+                     f"{state.skipped_steps} in all)")
+        if state.bad_streak >= guard.limit:
+            newest = checkpointer.newest.name if checkpointer.newest else "none written yet"
             raise NonFiniteLossError(
-                f"{guard.streak} consecutive steps had a non-finite loss or gradient, the last at {span}: "
+                f"{state.bad_streak} consecutive steps had a non-finite loss or gradient, the last at {span}: "
                 f"{info.describe()}. No bad update was applied and the newest checkpoint in {run_dir} "
                 f"({newest}) is intact. Lower train.lr, set train.grad_clip or check the data; "
                 f"train.max_bad_steps={t.max_bad_steps} sets how many bad steps in a row are tolerated.")
 
     interval = {"status": t.status_kimg * 1000, "checkpoint": t.checkpoint_kimg * 1000, "sample": t.sample_kimg * 1000}
-    next_at = {k: _next(nimg, v) for k, v in interval.items()}
+    next_at = {k: _next(state.nimg, v) for k, v in interval.items()}
     sums: dict[str, torch.Tensor] = {}
-    ticks, tick_start, tick_nimg = 0, time.time(), nimg
+    ticks, tick_start, tick_nimg = 0, time.time(), state.nimg
     last_loss, stopped = None, None
     budget = t.max_minutes * 60 if t.max_minutes is not None else math.inf   # seconds, over all resumes
+    prior_seconds = state.train_seconds
     over = prior_seconds >= budget                                          # the same on every rank
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -240,7 +215,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         return prior_seconds + (time.time() - loop_start if loop_start is not None else 0.0)
 
     try:
-        while nimg < total_nimg and not over:
+        while state.nimg < total_nimg and not over:
             model.train()
             step_logs: dict[str, torch.Tensor] = {}
             for micro in range(layout.accumulation):
@@ -249,7 +224,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                 sync = micro == layout.accumulation - 1
                 with parallel.no_sync(model, sync):
                     with trusted_labels():   # checked when the dataset was loaded: no host sync per call
-                        out = model(x, y, generator, nimg)
+                        out = model(x, y, generator, state.nimg)
                     accelerator.backward(out.loss / layout.accumulation)
                 guard.observe(out)
                 for k, v in {"loss": out.loss, **out.logs}.items():
@@ -262,32 +237,33 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             # the update)? Every rank gets the same answers, so all skip or stop together.
             past_budget = loop_start is not None and train_seconds() >= budget
             bad, over = guard.verdict(grad_norm, reduce_sum, stop=past_budget)
+            info = guard.describe(grad_norm) if bad else None
+            guard.clear()
             if bad:
-                info = guard.describe(grad_norm)
                 optimizer.zero_grad(set_to_none=True)
-                guard.record(True)
-                skip(info)
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.unwrap_model(model).after_step()
-                guard.record(False)
                 if grad_norm is not None:
                     step_logs["grad_norm"] = torch.as_tensor(grad_norm, device=device).detach().float()
                 for k, v in step_logs.items():
                     sums[k] = sums.get(k, 0) + v
                 ticks += 1
-            step, nimg = step + 1, nimg + t.batch
+            state.advance(t.batch, applied=not bad)
+            if bad:
+                skip(info)
+            status.advance(state.kimg)
             loop_start = loop_start or time.time()
-            done = nimg >= total_nimg or over
-            if nimg >= next_at["status"] or done:
+            done = state.nimg >= total_nimg or over
+            if state.nimg >= next_at["status"] or done:
                 elapsed = time.time() - tick_start
-                record = {"step": step, "kimg": nimg / 1000,
+                record = {"step": state.step, "kimg": state.kimg,
                           **{k: float(accelerator.reduce(v, "mean")) / ticks for k, v in sums.items()},
-                          "img_per_s": (nimg - tick_nimg) / max(elapsed, 1e-9),
-                          "sec_per_kimg": elapsed / max((nimg - tick_nimg) / 1000, 1e-9), "time": time.time()}
-                if guard.skipped:
-                    record["skipped_steps"] = guard.skipped
+                          "img_per_s": (state.nimg - tick_nimg) / max(elapsed, 1e-9),
+                          "sec_per_kimg": elapsed / max((state.nimg - tick_nimg) / 1000, 1e-9), "time": time.time()}
+                if state.skipped_steps:
+                    record["skipped_steps"] = state.skipped_steps
                 if flops_per_img:
                     record["tflops"] = flops_per_img * record["img_per_s"] / layout.world / 1e12
                     if peak:
@@ -296,14 +272,14 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 last_loss = record.get("loss", last_loss)
                 status.report(record)
-                sums, ticks, tick_start, tick_nimg = {}, 0, time.time(), nimg
-                next_at["status"] = _next(nimg, interval["status"])
-            if nimg >= next_at["sample"] and not done and spec.kind != "points":
-                grid(f"kimg{nimg / 1000:08.1f}")
-                next_at["sample"] = _next(nimg, interval["sample"])
-            if nimg >= next_at["checkpoint"] and not done and not guard.streak:   # in a bad streak: after it
+                sums, ticks, tick_start, tick_nimg = {}, 0, time.time(), state.nimg
+                next_at["status"] = _next(state.nimg, interval["status"])
+            if state.nimg >= next_at["sample"] and not done and spec.kind != "points":
+                grid(f"kimg{state.kimg:08.1f}")
+                next_at["sample"] = _next(state.nimg, interval["sample"])
+            if state.nimg >= next_at["checkpoint"] and not done and not state.bad_streak:   # in a bad streak: after it
                 save(final=False)
-                next_at["checkpoint"] = _next(nimg, interval["checkpoint"])
+                next_at["checkpoint"] = _next(state.nimg, interval["checkpoint"])
             stop = preempt.received is not None
             if reduce_sum is not None:
                 stop = bool(reduce_sum(torch.tensor(float(stop), device=device)) > 0)
@@ -312,28 +288,34 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                          accelerator.gather_for_metrics([preempt.received], use_gather_object=True))
                 stopped = next(name for name in names if name)
                 break
-        over = over and nimg < total_nimg   # the budget, not the length, ended the run
+        over = over and state.nimg < total_nimg   # the budget, not the length, ended the run
         last_ckpt = save(final=True)
         if over:
-            status.event({"event": "budget_reached", "max_minutes": t.max_minutes, "step": step, "kimg": nimg / 1000},
-                         f"time budget of {t.max_minutes:g} min reached after step {step} ({nimg / 1000:.3f} kimg)")
+            status.event({"event": "budget_reached", "max_minutes": t.max_minutes, "step": state.step,
+                          "kimg": state.kimg},
+                         f"time budget of {t.max_minutes:g} min reached after step {state.step} ({state.kimg:.3f} kimg)")
         if stopped:
-            status.event({"event": "stopped", "signal": stopped, "step": step, "kimg": nimg / 1000},
-                         f"received {stopped}: stopped after step {step} ({nimg / 1000:.3f} kimg) with "
-                         f"checkpoint {last_ckpt}; run the same command again to resume")
+            status.event({"event": "stopped", "signal": stopped, "step": state.step, "kimg": state.kimg,
+                          "resume": resume},
+                         f"received {stopped}: stopped after step {state.step} ({state.kimg:.3f} kimg) with "
+                         f"checkpoint {last_ckpt}; to resume, run: {resume}")
         elif spec.kind == "points":   # toy data: metrics.json (sliced Wasserstein per NFE) and a scatter plot
             obj = plain()
             if main:
                 from fewstep.evaluate import evaluate_points
 
                 held_out = load_dataset(dataclasses.replace(cfg.data, split="test"))
-                evaluate_points(obj, held_out, run_dir, nfes=cfg.sample.nfe,
-                                num=cfg.sample.num_images, weights=cfg.sample.weights,
-                                guidance=cfg.sample.guidance)
+                try:
+                    evaluate_points(obj, held_out, run_dir, nfes=cfg.sample.nfe, num=cfg.sample.num_images,
+                                    weights=cfg.sample.weights, guidance=cfg.sample.guidance)
+                except OSError as exc:
+                    status.event({"event": "metrics_failed", "error": str(exc)},
+                                 f"warning: metrics.json and the scatter plot not written: {describe_os_error(exc)}; "
+                                 f"free space and run `{resume}` again to write them")
         else:
             grid("final")
     finally:
         status.close()
     parallel.finish()   # keeps the process group for another train() in this process; destroyed at exit
-    return TrainResult(run_dir=run_dir, step=step, kimg=nimg / 1000, loss=last_loss, checkpoint=last_ckpt,
-                       stopped=stopped, skipped_steps=guard.skipped, budget_reached=over)
+    return TrainResult(run_dir=run_dir, step=state.step, kimg=state.kimg, loss=last_loss, checkpoint=last_ckpt,
+                       stopped=stopped, skipped_steps=state.skipped_steps, budget_reached=over)

@@ -90,22 +90,27 @@ def start_records(run_dir: str | Path) -> list[dict]:
 class StatusLog:
     """Status bar (kimg, loss, images/s, ETA) and JSONL log of one run.
 
+    On a terminal a rich progress bar moves every step (:meth:`advance`) and shows the loss of the last
+    status record; when the output goes to a file or a pipe (``> log 2>&1``, sbatch, tee) every status
+    record is printed as a plain line as it happens, since a live bar would show nothing until the end.
+
     Args:
         run_dir: where ``log.jsonl`` goes.
         total_kimg: run length, for the bar and ETA.
         start_kimg: kimg already done (resume).
         enabled: False on non-main processes (nothing is shown or written).
-        show_progress: draw the rich bar (off in tests and non-TTY CI still gets plain lines).
+        show_progress: draw the bar when the console is a terminal (plain lines otherwise).
+        console: where to print (default: standard error).
     """
 
     def __init__(self, run_dir: Path, total_kimg: float, start_kimg: float, enabled: bool = True,
-                 show_progress: bool = True):
+                 show_progress: bool = True, console: Console | None = None):
         self.enabled = enabled
         self._write_failed = False
-        self.console = Console(stderr=True)
+        self.console = console or Console(stderr=True)
         self.path = run_dir / "log.jsonl"
         self.progress = None
-        if enabled and show_progress:
+        if enabled and show_progress and self.console.is_terminal and not self.console.is_dumb_terminal:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), TextColumn("{task.fields[kimg]}"),
                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -116,14 +121,24 @@ class StatusLog:
         self.total_kimg = total_kimg
 
     def _append(self, record: dict[str, Any]) -> None:
-        """Append one JSON line; a full disk or unwritable directory is reported once, never fatal."""
+        """Append one JSON line. A failed write (a full disk, an unwritable directory) is reported once and
+        never fatal, and a partly written line is cut off again, so the next record starts on a line of
+        its own."""
+        line = json.dumps(record) + "\n"
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                start = f.tell()
+                try:
+                    f.write(line)
+                    f.flush()
+                except OSError:
+                    f.truncate(start)
+                    raise
             self._write_failed = False
         except OSError as exc:
             if not self._write_failed:
-                self.console.print(f"[yellow]warning:[/] cannot append to {self.path}: {exc}", highlight=False)
+                self.console.print(f"warning: cannot append to {self.path}: {exc.strerror or exc}; training goes "
+                                   f"on (records are written again once it can)", markup=False, highlight=False)
             self._write_failed = True
 
     def event(self, record: dict[str, Any], message: str) -> None:
@@ -132,6 +147,11 @@ class StatusLog:
             return
         self._append(record)
         self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def advance(self, kimg: float) -> None:
+        """Move the bar (and so its ETA) to ``kimg``: every step, with no host sync."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=kimg, kimg=f"{kimg:.1f}/{self.total_kimg:g} kimg")
 
     def report(self, record: dict[str, Any]) -> None:
         """Show and append one status record (must hold ``kimg``)."""
@@ -146,11 +166,13 @@ class StatusLog:
             self.progress.update(self.task, completed=record["kimg"], stats=stats,
                                  kimg=f"{record['kimg']:.1f}/{self.total_kimg:g} kimg")
         else:
-            self.console.print(f"step {record['step']:>7d}  kimg {record['kimg']:8.1f}  {stats}")
+            self.console.print(f"step {record['step']:>7d}  kimg {record['kimg']:8.3f}/{self.total_kimg:g}  {stats}",
+                               markup=False, highlight=False)
+            self.console.file.flush()
 
     def print(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message, highlight=False, soft_wrap=True)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:
