@@ -75,14 +75,18 @@ class Checkpoint:
     def tensors(self, name: str, prefix: str = "") -> dict[str, Tensor]:
         """Tensors of file ``name`` (e.g. ``objective.safetensors``) whose keys start with ``prefix``."""
         file = self.path / name
-        if not prefix:
-            return load_file(file)
-        out = {}
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    out[key[len(prefix):]] = f.get_tensor(key)
-        return out
+        try:
+            if not prefix:
+                return load_file(file)
+            out = {}
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(prefix):
+                        out[key[len(prefix):]] = f.get_tensor(key)
+            return out
+        except Exception as exc:   # unreadable (another user's run), or safetensors' own error for a bad file
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CheckpointError(f"cannot read {file}: {reason}") from exc
 
 
 def _sha256(path: Path) -> str:

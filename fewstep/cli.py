@@ -26,15 +26,38 @@ err = Console(stderr=True)
 from fewstep.data.base import DataError
 
 from fewstep.train.guards import NonFiniteLossError
+from fewstep.sample import parse_device, parse_nfes, parse_seeds
 
-USER_ERRORS = (RegistryError, ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError, KeyError,
+USER_ERRORS = (RegistryError, ConfigError, CheckpointError, DataError, OSError, ValueError, KeyError,
                NonFiniteLossError)
 
 
+def _message(exc: BaseException) -> str:
+    """The one line a user sees for an error: a file error as ``Permission denied (path)``, not
+    ``[Errno 13] …``; a KeyError without its quotes."""
+    if isinstance(exc, OSError) and not isinstance(exc, DataError):
+        from fewstep.files import describe_os_error
+
+        return describe_os_error(exc)
+    return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
 def _fail(exc: BaseException) -> None:
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: <message>`` (as plain text: brackets in messages are not rich markup) and exit 2."""
+    err.print("error: ", style="bold red", end="", highlight=False)
+    err.print(_message(exc), markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _resume_command(out: Optional[Path], run_dir: Path) -> str:
+    """The command line that resumes this run: the one typed, without ``--restart``, with ``--out``."""
+    import shlex
+    import sys
+
+    args = [a for a in sys.argv[1:] if a != "--restart"]
+    if out is None:
+        args += ["--out", str(run_dir)]
+    return shlex.join(["fewstep", *args])
 
 
 def _write_json(path: Optional[Path], body: dict, default=None) -> None:
@@ -91,8 +114,14 @@ def train(
     batch: Optional[int] = typer.Option(None, help="Global batch (images per optimizer step)."),
     out: Optional[Path] = typer.Option(None, help="Run directory; an existing run there is resumed. Default: runs/NNNNN-…"),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value (repeatable)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
-    progress: bool = typer.Option(True, help="Show the progress bar (plain status lines otherwise)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything that can be checked without "
+                                 "training (config, batch layout, data, memory on a CPU), print the resolved "
+                                 "config and exit."),
+    restart: bool = typer.Option(False, "--restart", help="Start the run directory over from step 0: its "
+                                 "checkpoints, log, samples and config move into DIR/restarted-<time>/ (nothing is "
+                                 "deleted). Needed when every checkpoint there is broken."),
+    progress: bool = typer.Option(True, help="Show the progress bar on a terminal (plain status lines otherwise; "
+                                  "always plain when the output goes to a file)."),
 ) -> None:
     """Train a model; writes config.json, log.jsonl, checkpoints and sample grids to the run directory."""
     try:
@@ -100,19 +129,21 @@ def train(
         from fewstep.build import resolve
 
         cfg = resolve(cfg)
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         if dry_run:
-            console.print_json(json.dumps(to_dict(cfg)))
+            _dry_run(cfg, world)
             return
         from fewstep.train import train as run_training
 
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         if world > 1 and out is None:
             raise ValueError(f"--out is required with {world} processes: each rank would number its own "
                              "runs/NNNNN directory")
         run_dir = out or _new_run_dir(Path("runs"), cfg)
         if rank == 0:
             console.print(f"run directory: [bold]{run_dir}[/]")
-        result = run_training(cfg, run_dir, show_progress=progress)
+        resume = (_resume_command(out, run_dir) if world == 1
+                  else f"the same launch command (with --out {run_dir})")
+        result = run_training(cfg, run_dir, show_progress=progress, restart=restart, resume_command=resume)
     except USER_ERRORS as exc:
         _fail(exc)
     if rank != 0:   # the main process reports
@@ -125,10 +156,25 @@ def train(
         import signal
 
         console.print(f"stopped by {result.stopped} after {result.step} steps ({result.kimg:.3f} kimg); checkpoint "
-                      f"{result.checkpoint}. Run the same command to resume.")
+                      f"{result.checkpoint}. To resume, run: {resume}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(128 + int(getattr(signal, result.stopped, signal.SIGTERM)))   # 143 / 130, as if killed
     loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
     console.print(f"done: {result.kimg:.1f} kimg, {result.step} steps, loss {loss}; checkpoint {result.checkpoint}")
+
+
+def _dry_run(cfg: RunConfig, world: int) -> None:
+    """``train --dry-run``: the checks training makes before any compute, then the resolved config."""
+    import torch
+
+    from fewstep.data import load_dataset
+    from fewstep.train.checks import preflight
+    from fewstep.train.resources import check_memory, local_processes
+
+    layout = preflight(cfg, world)
+    dataset = load_dataset(cfg.data)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_memory(cfg, dataset, layout.batch_per_gpu, device, processes=local_processes())
+    console.print_json(json.dumps(to_dict(cfg)))
 
 
 @app.command()
@@ -145,17 +191,17 @@ def sample(
     save_tensor: Optional[Path] = typer.Option(None, help="Also save the raw samples (safetensors)."),
 ) -> None:
     """Sample a trained run into a PNG grid."""
-    import torch
 
     from fewstep.build import load_objective
     from fewstep.images import make_grid, write_png
-    from fewstep.sample import parse_seeds, sample as run_sampler
+    from fewstep.sample import sample as run_sampler
 
     try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
-        nfes = [int(v) for v in nfe.split(",")]
+        dev = parse_device(device)
+        nfes = parse_nfes(nfe)
         seed_list = parse_seeds(seeds)
+        if batch < 1:
+            raise ValueError(f"--batch must be ≥ 1 images per forward, got {batch}")
         objective, cfg, ckpt = load_objective(run, device=dev)
         weights = weights or cfg.sample.weights
         results = [run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
@@ -171,13 +217,14 @@ def sample(
             decode = output_decoder(cfg.data, ckpt.field("data_spec"), device=dev)   # VAE decode for latents
             write_png(out, make_grid([decode(r.images) for r in results]))
         if save_tensor:
-            from safetensors.torch import save_file
+            from fewstep.files import save_tensors
 
-            save_file({f"nfe{r.nfe}": r.images.contiguous() for r in results}, str(save_tensor))
+            save_tensors({f"nfe{r.nfe}": r.images for r in results}, save_tensor, fsync=False)
     except USER_ERRORS as exc:
         _fail(exc)
     summary = ", ".join(f"{r.nfe} NFE ({r.evaluations} evaluations)" for r in results)
-    console.print(f"wrote {out}: {len(seed_list)} images × [{summary}] from {ckpt.path} ({weights} weights)")
+    console.print(f"wrote {out}: {len(seed_list)} images × [{summary}] from {ckpt.path} ({weights} weights)",
+                  markup=False, highlight=False)
 
 
 @bench_app.command("attention")
@@ -330,7 +377,7 @@ def bench_sample(
     if not torch.cuda.is_available():
         _fail(ValueError("fewstep bench sample needs a CUDA GPU"))
     try:
-        nfes = [int(v) for v in nfe.split(",")]
+        nfes = parse_nfes(nfe)
         mode_list = [m.strip() for m in modes.split(",")]
         bad = [m for m in mode_list if m not in MODES]
         if bad or any(k < 1 for k in nfes):
@@ -434,11 +481,12 @@ def eval_(
     trust_ref: bool = typer.Option(False, "--trust-ref", help="Accept reference statistics without fewstep metadata."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """FID of a trained run at each NFE against reference statistics; runs under `accelerate launch`."""
+    """FID (or the Fréchet distance in another extractor's features) of a trained run at each NFE against
+    reference statistics; runs under `accelerate launch`."""
     from fewstep.eval import evaluate_fid
 
     try:
-        nfes = [int(v) for v in nfe.split(",")]
+        nfes = parse_nfes(nfe)
         body = evaluate_fid(run, nfes, num, ref, extractor=extractor,
                             extractor_options=_extractor_options(extractor, inception), seed=seed, batch=batch,
                             weights=weights, guidance=guidance, class_label=class_label, out=out,
@@ -447,7 +495,7 @@ def eval_(
         _fail(exc)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = ", ".join(f"{k} NFE {v:.3f}" for k, v in body["fid"].items())
-        console.print(f"FID ({body['num']} images, step {body['checkpoint']['step']}): {scores}")
+        console.print(f"{body['metric']} ({body['num']} images, step {body['checkpoint']['step']}): {scores}")
 
 
 @app.command("fid-ref")
@@ -609,7 +657,7 @@ def sweep(
 
     try:
         spec = spec_from_options(file, objectives, set_, recipe=recipe, kimg=kimg, minutes=minutes,
-                                 nfe=[int(v) for v in nfe.split(",")] if nfe else None, metric=metric, num=num,
+                                 nfe=parse_nfes(nfe) if nfe else None, metric=metric, num=num,
                                  seed=seed, backbone=backbone, data=data, batch=batch,
                                  ref=str(ref) if ref else None, ref_num=ref_num, grid=grid)
         if dry_run:
@@ -637,14 +685,28 @@ def sweep(
         raise typer.Exit(1)
 
 
+def _app() -> None:
+    """The typer app, with a last net under every command: a file error that no command expected (a full
+    disk, another user's files) is one line, not a traceback."""
+    try:
+        app()
+    except OSError as exc:
+        _fail(exc)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        app()
+        try:
+            _app()
+        except typer.Exit as exc:   # raised outside typer's own handling (by the net above)
+            raise SystemExit(exc.exit_code) from None
         return
     try:          # one of several processes (torchrun / accelerate launch): end without finalisation
-        app()
+        _app()
         code = 0
+    except typer.Exit as exc:
+        code = exc.exit_code
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     from fewstep.train.distributed import exit_process

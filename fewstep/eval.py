@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -63,11 +64,18 @@ def load_stats(path: str | os.PathLike) -> ReferenceStats:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no reference statistics at {path} (make them with `fewstep fid-ref`)")
-    with np.load(path, allow_pickle=False) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"{path} holds no 'mu'/'sigma' arrays (keys: {', '.join(data.files)})")
-        meta = json.loads(str(data["metadata"])) if "metadata" in data else None
-        return ReferenceStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), meta, path)
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("it is not an .npz archive")
+        data = np.load(path, allow_pickle=False)
+        with data:
+            if "mu" not in data or "sigma" not in data:
+                raise ValueError(f"it holds no 'mu'/'sigma' arrays (keys: {', '.join(data.files)})")
+            meta = json.loads(str(data["metadata"])) if "metadata" in data else None
+            return ReferenceStats(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), meta, path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:   # not an .npz, truncated, unreadable, bad metadata JSON
+        raise ValueError(f"reference statistics {path} cannot be read ({exc}); make them again with "
+                         f"`fewstep fid-ref`") from exc
 
 
 def check_reference(ref: ReferenceStats, expected: dict[str, Any], trust: bool = False) -> None:
@@ -209,7 +217,8 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         weights: ``online`` or an EMA track (default: the run's ``sample.weights``, the EMA).
         out: JSON path (default ``<run dir>/fid.json``).
     Returns:
-        The JSON body: ``fid`` (NFE → FID), ``num``, ``seed``, ``weights``, ``guidance``, ``evaluations``,
+        The JSON body: ``metric`` (``FID``, or ``FD (<extractor>)`` in another extractor's features), ``fid``
+        (NFE → that Fréchet distance), ``num``, ``seed``, ``weights``, ``guidance``, ``evaluations``,
         ``seconds``, ``images_per_second``, ``extractor``, ``ref`` (path and metadata), ``checkpoint``
         (path, step, kimg), ``dataset`` and ``num_processes``.
     """
@@ -241,7 +250,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     for nfe in nfes:
         t0 = time.perf_counter()
         with _progress(show_progress and acc.is_main_process) as bar:
-            task = bar.add_task(f"FID {nfe}-NFE", total=num)
+            task = bar.add_task(f"{ex.metric_name} {nfe}-NFE", total=num)
             stats, evaluations = sample_statistics(
                 objective, seeds, nfe, ex, batch=batch, weights=weights, guidance=guidance, class_label=class_label,
                 autocast=autocast, on_batch=lambda k: bar.advance(task, k * acc.num_processes), decode=decode)
@@ -251,9 +260,9 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         body["fid"][k], body["seconds"][k] = fid, round(seconds, 3)
         body["images_per_second"][k] = round(num / seconds, 2)
         body["evaluations"][k] = evaluations
-        acc.print(f"FID {nfe}-NFE: {fid:.4f} ({num} images, {seconds:.1f} s)")
+        acc.print(f"{ex.metric_name} {nfe}-NFE: {fid:.4f} ({num} images, {seconds:.1f} s)")
     body.update({
-        "num": num, "seed": seed, "weights": weights, "guidance": guidance, "class_label": class_label,
+        "metric": ex.metric_name, "num": num, "seed": seed, "weights": weights, "guidance": guidance, "class_label": class_label,
         "extractor": ex.metadata(), "ref": {"path": str(reference.path), "metadata": reference.metadata},
         "checkpoint": {"path": str(ckpt.path), "step": ckpt.step, "kimg": ckpt.manifest.get("kimg")},
         "dataset": cfg.data.name, "num_processes": acc.num_processes,

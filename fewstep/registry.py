@@ -65,10 +65,14 @@ class Registry:
         kind: singular noun used in messages (``"objective"``).
         builtin_module: module whose import registers the in-tree components (imported lazily).
         group: entry-point group for third-party components.
+        check: what is wrong with a loaded plugin object (``None`` if nothing): an entry point that names
+            a function where a class is needed is listed as unavailable with that reason, instead of
+            failing later with a traceback.
     """
 
-    def __init__(self, kind: str, builtin_module: str, group: str):
-        self.kind, self.builtin_module, self.group = kind, builtin_module, group
+    def __init__(self, kind: str, builtin_module: str, group: str,
+                 check: Callable[[Any], str | None] = lambda obj: None if callable(obj) else "is not callable"):
+        self.kind, self.builtin_module, self.group, self.check = kind, builtin_module, group, check
         self._entries: dict[str, Entry] = {}
         self._unavailable: dict[str, str] = {}   # name -> error message of a broken plugin
         self._planned: dict[str, str] = {}       # name -> why it cannot be used yet
@@ -181,6 +185,11 @@ class Registry:
             except Exception as exc:  # a broken plugin is reported, never fatal
                 self._unavailable[ep.name] = f"{type(exc).__name__}: {exc} (from {source!r}, {ep.value})"
                 continue
+            problem = self.check(obj)
+            if problem and ep.name not in self._entries:   # a clash is reported as one, whatever the object
+                self._unavailable[ep.name] = (f"entry point {ep.value} (from {source!r}) {problem}; "
+                                              f"fix the entry point in that package's metadata")
+                continue
             old = self._entries.get(ep.name)
             if old is not None and old.obj is obj:   # the plugin module also used the decorator
                 self._entries[ep.name] = dataclasses.replace(old, source=source)
@@ -205,7 +214,15 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-objectives = Registry("objective", "fewstep.objectives", "fewstep.objectives")
+def _objective_problem(obj: Any) -> str | None:
+    """An objective plugin must be a class with a ``Config`` and ``needs`` (``fewstep.api.Objective``)."""
+    if not isinstance(obj, type):
+        return f"is a {type(obj).__name__}, not a class; an objective is a class deriving fewstep.api.Objective"
+    missing = [a for a in ("Config", "needs", "forward", "step") if not hasattr(obj, a)]
+    return f"is a class without {', '.join(missing)}; derive it from fewstep.api.Objective" if missing else None
+
+
+objectives = Registry("objective", "fewstep.objectives", "fewstep.objectives", check=_objective_problem)
 backbones = Registry("backbone", "fewstep.backbones", "fewstep.backbones")
 datasets = Registry("dataset", "fewstep.data", "fewstep.datasets")
 recipes = Registry("recipe", "fewstep.recipes", "fewstep.recipes")

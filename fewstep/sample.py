@@ -64,6 +64,38 @@ def output_decoder(data: Any, spec: DataSpec | dict, *, device: torch.device | s
     return LatentDecoder(latent_format_for(data), vae=vae, device=device)
 
 
+def parse_device(text: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked against this build
+    and machine, so a device it cannot use is one clear error instead of a failure deep inside torch."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "has no CUDA" if torch.version.cuda is None else "sees no GPU"
+            raise ValueError(f"--device {text}: this torch build ({torch.__version__}) {build}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: there is no CUDA device {device.index} "
+                             f"({torch.cuda.device_count()} visible); use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {text}: fewstep runs on cpu or cuda, not {device.type}")
+    return device
+
+
+def parse_nfes(text: str) -> list[int]:
+    """``"1,2,4"`` → [1, 2, 4]: numbers of sampler jumps, each ≥ 1."""
+    try:
+        nfes = [int(v) for v in text.split(",")]
+    except ValueError:
+        nfes = []
+    if not nfes or any(n < 1 for n in nfes):
+        raise ValueError(f"--nfe takes a comma list of jump counts ≥ 1 such as 1,2,4, got {text!r}")
+    return nfes
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0-63"``, ``"1,5,9"`` or ``"0-3,10"`` → list of non-negative ints (ranges inclusive)."""
     seeds: list[int] = []
@@ -126,6 +158,10 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
         autocast: run the backbone under bf16 autocast (CUDA only).
         decode: samples → uint8 images (:func:`output_decoder`), applied per chunk; fills ``pixels``.
     """
+    if batch_size < 1:
+        raise ValueError(f"the sampling batch must be ≥ 1 images per forward, got {batch_size}")
+    if nfe < 1:
+        raise ValueError(f"nfe must be ≥ 1 jumps, got {nfe}")
     net = objective.sampling_net(weights)
     device = torch.device(device) if device is not None else next(objective.parameters()).device
     k = objective.num_classes

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.config import DataConfig
+from fewstep.config import ConfigError, DataConfig
 from fewstep.contracts import DataSpec
 from fewstep.data import (BatchStream, DataError, DataNotFoundError, FashionMNIST, InMemoryImageDataset,
                           load_dataset, read_idx)
@@ -134,9 +134,9 @@ def test_label_count_mismatch_and_range(tmp_path):
 def test_missing_files_list_searched_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSTEP_DATA", str(tmp_path / "env"))
     with pytest.raises(DataNotFoundError) as info:
-        load_dataset(DataConfig(root=str(tmp_path / "root")))
+        load_dataset(DataConfig())
     msg = str(info.value)
-    for d in ("root", "env", os.path.join("env", "fashion-mnist"), "system-fashion-mnist"):
+    for d in ("env", os.path.join("env", "fashion-mnist"), "system-fashion-mnist"):
         assert str(tmp_path / d) in msg
     assert "sudo apt-get install dataset-fashion-mnist" in msg and "data.root=DIR" in msg
     assert "FEWSTEP_DATA" in msg and "zalandoresearch/fashion-mnist" in msg
@@ -153,7 +153,16 @@ def test_search_order(tmp_path, monkeypatch):
     assert len(FashionMNIST()) == 5                      # $FEWSTEP_DATA itself beats its sub-directory
     write_split(tmp_path / "root", "train", 6, gz=True)
     assert len(FashionMNIST(root=tmp_path / "root")) == 6   # data.root beats $FEWSTEP_DATA
-    assert len(FashionMNIST(root=tmp_path / "empty")) == 5  # a root without the files falls through
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match="Searched:") as info:   # a root is the only place searched
+        FashionMNIST(root=tmp_path / "empty")
+    assert str(tmp_path / "env") not in str(info.value)
+
+
+def test_an_explicit_root_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
+    write_split(fm.SYSTEM_DIR, "train", 3, gz=True)   # a copy it must not fall back to (and record the wrong root)
+    with pytest.raises(ConfigError, match=r"data.root='.*nowhere' does not exist"):
+        load_dataset(DataConfig(root=str(tmp_path / "nowhere")))
 
 
 def test_unknown_names_suggest_the_closest():

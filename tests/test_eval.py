@@ -152,7 +152,7 @@ def test_two_processes_give_the_same_fid_as_one(run_dir, ref_path, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["num_processes"] == 2 and two["num"] == 30
     assert two["fid"]["1"] == pytest.approx(one["fid"]["1"], rel=1e-7)
-    assert "FID (30 images, step 7): 1 NFE" in res.stdout
+    assert "FD (random-projection) (30 images, step 7): 1 NFE" in res.stdout   # FID only for Inception
 
 
 def test_a_failing_multi_process_command_exits_with_its_error(ref_path, tmp_path):

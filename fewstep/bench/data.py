@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from fewstep.data.loader import BatchStream
+from fewstep.sample import parse_device
 
 
 @dataclass
@@ -111,8 +112,7 @@ def bench_data(dataset: Any, *, batch: int = 256, steps: int = 50, warmup: int =
                prefetch: list[int] = (0, 2), pin_memory: bool | None = None, device: str = "auto",
                step_ms: float = 0.0, log: Callable[[str], None] = print) -> dict:
     """Measure every (workers, prefetch) combination on ``dataset``; returns a JSON-able report."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = parse_device(device)
     spec = dataset.spec
     in_process = hasattr(dataset, "get_batch") or hasattr(dataset, "get_stored")
     log(f"{spec.name}: {spec.num_items} items of {spec.channels}×{spec.resolution}² ({spec.kind}), batch {batch}, "

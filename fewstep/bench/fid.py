@@ -25,7 +25,7 @@ import torch
 from fewstep.images import to_uint8
 from fewstep.metrics.extractors import CleanResize, FeatureExtractor, InceptionExtractor
 from fewstep.metrics.fid import frechet_distance
-from fewstep.sample import sample
+from fewstep.sample import parse_device, sample
 
 
 class RandomInception(FeatureExtractor):
@@ -94,8 +94,7 @@ def bench_fid(*, num: int = 10_000, batch: int = 256, nfe: int = 1, inception: s
     """Time both paths on the same images and compare their FIDs; returns the numbers printed."""
     from fewstep.eval import sample_statistics
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = parse_device(device)
     autocast = autocast and dev.type == "cuda"
     obj = _objective(run, backbone, objective, resolution, num_classes, dev)
     ex = RandomInception(dev) if extractor == "random-inception" else InceptionExtractor(inception, device=dev)

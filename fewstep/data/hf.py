@@ -192,6 +192,27 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (``None`` if a TCP connection to its endpoint opens within
+    ``timeout`` seconds). Checked before a download, because without a network the libraries retry for
+    half a minute and then blame the repository ("does not appear to have a file named config.json")."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"no network connection to {endpoint} ({exc.strerror or exc})"
+    return None
+
+
 @registry.register("imagefolder", summary="imagefolder:PATH: a local folder of images (one sub-folder per "
                                           "class gives labels), via HF datasets; data.resolution crops")
 def imagefolder(cfg: DataConfig) -> HFImageDataset:
@@ -217,5 +238,8 @@ def hub(cfg: DataConfig) -> HFImageDataset:
                         f"(HF_HUB_OFFLINE is set). Use a local folder with --data imagefolder:PATH, or a "
                         f"local dataset such as --data fashion-mnist")
     hf_datasets = _import_datasets("--data hub:NAME")
+    if (reason := hub_unreachable()) is not None:
+        raise DataError(f"{cfg.name}: cannot reach the Hub: {reason}. It is the network: connect this machine, "
+                        f"or use a local folder with --data imagefolder:PATH")
     hf = hf_datasets.load_dataset(repo, split=cfg.split, cache_dir=cfg.root)
     return from_hf(hf, name=cfg.name, resolution=cfg.resolution)

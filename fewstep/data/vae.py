@@ -51,9 +51,20 @@ def load_vae(name: str, device: torch.device | str | None = None, dtype: torch.d
     else:
         from fewstep.data.hf import hub_offline
 
+        from fewstep.data.hf import hub_unreachable
+
         offline = hub_offline()
         try:
-            vae = cls.from_pretrained(name, torch_dtype=dtype, local_files_only=offline)
+            try:   # the local cache first: a VAE downloaded before needs no network
+                vae = cls.from_pretrained(name, torch_dtype=dtype, local_files_only=True)
+            except (OSError, ValueError):
+                if offline:
+                    raise
+                if (reason := hub_unreachable()) is not None:
+                    raise DataError(f"cannot download VAE {name!r}: {reason}. It is the network, not the VAE: "
+                                    f"connect this machine, or download it elsewhere (`hf download {name}`) and "
+                                    f"pass --vae DIR (FEWSTEP_VAE=DIR for decoding)") from None
+                vae = cls.from_pretrained(name, torch_dtype=dtype)
         except (OSError, ValueError) as exc:
             if offline:
                 raise DataError(

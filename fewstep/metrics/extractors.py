@@ -48,6 +48,12 @@ class FeatureExtractor(nn.Module):
                              f"got {tuple(images.shape)} {images.dtype}")
         return self.embed(self.preprocess(images))
 
+    @property
+    def metric_name(self) -> str:
+        """What a Fréchet distance in these features is called: ``FID`` only for the FID Inception network,
+        ``FD (<extractor>)`` for every other extractor."""
+        return "FID" if self.name == "inception" else f"FD ({self.name})"
+
     def metadata(self) -> dict:
         """Identity recorded next to statistics: ``extractor``, ``weights_sha256``, ``resize``, ``input_size``."""
         raise NotImplementedError
