@@ -49,15 +49,18 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _resume_command(out: Optional[Path], run_dir: Path) -> str:
-    """The command line that resumes this run: the one typed, without ``--restart``, with ``--out``."""
+def _resume_command(options: dict[str, object], overrides: list[str], run_dir: Path) -> str:
+    """The ``fewstep train`` command that resumes this run: the options given (not ``--restart``), with
+    ``--out`` the run directory."""
     import shlex
-    import sys
 
-    args = [a for a in sys.argv[1:] if a != "--restart"]
-    if out is None:
-        args += ["--out", str(run_dir)]
-    return shlex.join(["fewstep", *args])
+    args = ["fewstep", "train"]
+    for name, value in options.items():
+        if value is not None:
+            args += [f"--{name}", str(value)]
+    for item in overrides:
+        args += ["--set", item]
+    return shlex.join([*args, "--out", str(run_dir)])
 
 
 def _write_json(path: Optional[Path], body: dict, default=None) -> None:
@@ -141,7 +144,9 @@ def train(
         run_dir = out or _new_run_dir(Path("runs"), cfg)
         if rank == 0:
             console.print(f"run directory: [bold]{run_dir}[/]")
-        resume = (_resume_command(out, run_dir) if world == 1
+        options = {"recipe": recipe, "objective": objective, "backbone": backbone, "data": data, "kimg": kimg,
+                   "batch": batch}
+        resume = (_resume_command(options, set_, run_dir) if world == 1
                   else f"the same launch command (with --out {run_dir})")
         result = run_training(cfg, run_dir, show_progress=progress, restart=restart, resume_command=resume)
     except USER_ERRORS as exc:

@@ -7,6 +7,7 @@ processes) are in test_faults.py. All runs are the tiny CPU config of test_train
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -19,7 +20,7 @@ from fewstep.checkpoints import (CheckpointError, CheckpointWriteError, latest_c
 from fewstep.config import ConfigError
 from fewstep.data.base import DataError, InMemoryImageDataset
 from fewstep.objectives.fm import FlowMatching
-from fewstep.registry import datasets
+from fewstep.registry import RegistryError, datasets
 from fewstep.train import NonFiniteLossError, train
 from fewstep.train.guards import RunLock
 
@@ -311,6 +312,13 @@ def test_bad_data_is_refused_before_any_compute(fashion_dir, tmp_path, monkeypat
     (lambda c: setattr(c.train, "max_bad_steps", 0), ConfigError, r"train.max_bad_steps must be ≥ 1"),
     (lambda c: setattr(c.train, "batch_per_gpu", 5), ConfigError, r"train.batch=16 must be divisible by devices"),
     (lambda c: setattr(c.data, "num_workers", None), ConfigError, r"data.num_workers must be an integer"),
+    (lambda c: setattr(c.train, "ema_betas", {"ema": 1.0}), ConfigError, r"train.ema_betas\['ema'\] must be a decay in \[0, 1\)"),
+    (lambda c: setattr(c.train, "lr", 0.0), ConfigError, r"train.lr must be a finite number > 0, got 0.0"),
+    (lambda c: setattr(c.train, "lr", float("nan")), ConfigError, r"train.lr must be a finite number > 0, got nan"),
+    (lambda c: setattr(c.sample, "nfe", (1, 0)), ConfigError, r"sample.nfe must be ≥ 1 jumps each, got \[1, 0\]"),
+    (lambda c: setattr(c.sample, "weights", "emma"), ConfigError, r"sample.weights must be 'online' or an EMA track .*\(ema\)"),
+    (lambda c: setattr(c.data, "name", "fashion-mnst"), RegistryError, r"did you mean 'fashion-mnist'"),
+    (lambda c: setattr(c.data, "root", "/no/such/dir"), ConfigError, r"data.root='/no/such/dir' does not exist"),
 ])
 def test_bad_config_values_are_refused_before_any_compute(fashion_dir, tmp_path, monkeypatch, change, error, message):
     cfg = tiny(fashion_dir)
@@ -350,3 +358,56 @@ def test_unwritable_or_busy_run_directories_are_refused(fashion_dir, tmp_path):
     with RunLock(tmp_path / "busy"):
         with pytest.raises(ConfigError, match=rf"in use by another training process \(pid {os.getpid()}\)"):
             train(tiny(fashion_dir), tmp_path / "busy", show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directories that cannot simply be resumed
+# ---------------------------------------------------------------------------------------------------
+def test_a_run_whose_checkpoints_are_all_broken_is_refused_and_restart_moves_them_aside(fashion_dir, tmp_path,
+                                                                                        monkeypatch, straight):
+    run = tmp_path / "b"
+    train(tiny(fashion_dir, **EVERY_2, **{"train.total_kimg": 0.064}), run, show_progress=False)   # steps 2, 4
+    for path in list_checkpoints(run):
+        weights = path / "objective.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-5])
+    broken = {p.name: files_of(p) for p in list_checkpoints(run)}
+    with monkeypatch.context() as m:
+        m.setattr(FlowMatching, "forward", lambda *a, **k: pytest.fail("computed on bad input"))
+        with pytest.raises(ConfigError, match=r"every checkpoint in .* is broken \(.*checkpoint-00000002/objective."
+                           r"safetensors is truncated.*; .*checkpoint-00000004/objective.safetensors is truncated"
+                           r".*\); they are kept for inspection.*rerun with --restart"):
+            train(tiny(fashion_dir, **EVERY_2), run, show_progress=False)
+    assert {p.name: files_of(p) for p in list_checkpoints(run)} == broken   # untouched
+    result = train(tiny(fashion_dir, **EVERY_2), run, show_progress=False, restart=True)
+    assert_same(snapshot(result.checkpoint), straight[8])                   # from step 0, exactly
+    aside = [p for p in run.iterdir() if p.name.startswith("restarted-")]
+    assert len(aside) == 1 and {p.name: files_of(p) for p in list_checkpoints(aside[0])} == broken
+    assert (aside[0] / "log.jsonl").is_file() and (aside[0] / "config.json").is_file()
+    assert [r["event"] for r in read_log(run) if "event" in r][:2] == ["start", "restarted"]
+
+
+def test_a_run_directory_without_a_checkpoint_takes_a_corrected_config(fashion_dir, tmp_path, monkeypatch):
+    run = tmp_path / "n"
+    with monkeypatch.context() as m:
+        poison(m, set(range(1, 9)))                                  # a blow-up from the first step
+        with pytest.raises(NonFiniteLossError, match=r"none written yet"):
+            train(tiny(fashion_dir, **{"train.max_bad_steps": 2}), run, show_progress=False)
+    assert not list_checkpoints(run) and (run / "config.json").is_file()
+    result = train(tiny(fashion_dir, **{"train.lr": 5e-5}), run, show_progress=False)   # the corrected config
+    assert result.step == 8
+    replaced = [r for r in read_log(run) if r.get("event") == "config_replaced"]
+    assert len(replaced) == 1 and "train.lr: 0.001 → 5e-05" in replaced[0]["message"]
+    assert json.loads((run / "config.json").read_text())["config"]["train"]["lr"] == 5e-5
+    with pytest.raises(ConfigError, match=r"belongs to a run with a different config \(train.lr: 5e-05 → 0.001\)"):
+        train(tiny(fashion_dir), run, show_progress=False)          # with a checkpoint: the usual refusal
+
+
+def test_a_garbage_config_json_is_named(fashion_dir, tmp_path):
+    run = tmp_path / "g"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=rf"{run}/config.json is not valid JSON"):
+        train(tiny(fashion_dir), run, show_progress=False)
+    (run / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"is not a fewstep run config"):
+        train(tiny(fashion_dir), run, show_progress=False)

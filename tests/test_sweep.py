@@ -92,13 +92,13 @@ def test_a_member_killed_by_sigterm_resumes_in_a_parallel_sweep(tmp_path):
     out = tmp_path / "sweep"
     spec = prepare(toy_spec("fm,ect", kimg=None, minutes=0.05), out)
     proc = subprocess.Popen([sys.executable, "-m", "fewstep.sweep", str(out), "fm"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err.txt", "w"))
     log = out / "fm" / "log.jsonl"
     deadline = time.time() + 60
     while not (log.is_file() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 128 + signal.SIGTERM
+    assert proc.wait(60) == 128 + signal.SIGTERM, (tmp_path / "err.txt").read_text()[-3000:]
     stopped_at = log_steps(out / "fm")[-1]
     assert not member_state(out, spec, spec.members[0], member_config(spec, spec.members[0])).trained
     result = run_sweep(spec, out, parallel=2, log=lambda m: None)     # subprocesses, side by side

@@ -19,7 +19,8 @@ def tiny(fashion_dir, **overrides):
     cfg = recipes.get("smoke")()
     sets = {"data.root": str(fashion_dir), "train.batch": 16, "train.total_kimg": 0.128,
             "train.status_kimg": 0.032, "train.checkpoint_kimg": 0, "sample.num_images": 4,
-            "sample.nfe": (1,), "backbone.depth": 2, "backbone.hidden_size": 32, "backbone.num_heads": 2}
+            "sample.nfe": (1,), "backbone.depth": 2, "backbone.hidden_size": 32, "backbone.num_heads": 2,
+            "train.cpu_threads": 1}   # bit-exact comparisons between runs need one thread count
     sets.update(overrides)
     return apply_overrides(cfg, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in sets.items()])
 

@@ -103,8 +103,8 @@ def load_dataset(cfg: DataConfig) -> Any:
 def check_data_config(cfg: DataConfig) -> str:
     """Check a data config without loading anything (so ``--dry-run`` checks it too) and return the
     registered dataset that serves it: the name is registered (or ``PREFIX:ARG`` with a registered
-    prefix, suggesting the closest names otherwise), an explicit ``root`` exists, and so does the
-    folder of ``imagefolder:PATH`` / ``latents:DIR``."""
+    prefix, suggesting the closest names otherwise) and an explicit ``root`` exists. (Paths inside names,
+    ``imagefolder:PATH``, are the loaders' to check: they say how to make what is missing.)"""
     from fewstep.config import ConfigError
     from fewstep.registry import datasets
 
@@ -115,10 +115,6 @@ def check_data_config(cfg: DataConfig) -> str:
     if cfg.root is not None and not Path(cfg.root).expanduser().exists():
         raise ConfigError(f"data.root={cfg.root!r} does not exist; pass the directory that holds the dataset's "
                           f"files, or leave data.root unset to use the default search path")
-    if name in ("imagefolder", "latents") and ":" in cfg.name:
-        folder = Path(cfg.name.split(":", 1)[1]).expanduser()
-        if not folder.is_dir():
-            raise DataNotFoundError(f"--data {cfg.name}: {folder} is not a directory")
     for field, value, low in (("data.num_workers", cfg.num_workers, 0), ("data.resolution", cfg.resolution, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{field} must be ≥ {low}, got {value}")

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from fewstep.config import ConfigError
+from fewstep.files import describe_os_error, write_atomic
 from fewstep.sweep.report import write_report
 from fewstep.sweep.spec import POINTS_METRIC, SweepError, SweepSpec, check_saved, member_config, resolve_metric
 from fewstep.sweep.worker import member_state, reference_path, run_member
@@ -97,6 +99,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
     if parallel < 1:
         raise SweepError(f"--parallel must be ≥ 1, got {parallel}")
     spec = prepare(spec, sweep_dir, log)
+    if not gpus and not torch.cuda.is_available():   # GPU recipes on a CPU: refused before any member starts
+        check_members_memory(spec, parallel)
     result = SweepResult(sweep_dir)
     todo = []
     for member in spec.members:
@@ -111,8 +115,29 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
             _run_here(spec, sweep_dir, todo, result, eval_batch, log)
         else:
             _run_subprocesses(spec, sweep_dir, todo, slots, result, eval_batch, log)
-    result.files = write_report(sweep_dir, spec, failed=result.failed)
+    try:
+        result.files = write_report(sweep_dir, spec, failed=result.failed)
+    except OSError as exc:
+        raise SweepError(f"could not write the sweep's report in {sweep_dir}: {describe_os_error(exc)}. Every finished "
+                         f"member's checkpoint and scores are saved; free space, then rerun the same command: it only "
+                         f"writes the report") from exc
     return result
+
+
+def check_members_memory(spec: SweepSpec, parallel: int) -> None:
+    """Refuse a CPU sweep whose members cannot fit in memory, ``parallel`` at a time, naming the member."""
+    from fewstep.data import load_dataset
+    from fewstep.train.checks import plan_batches
+    from fewstep.train.resources import check_memory
+
+    dataset = None
+    for member in spec.members:
+        cfg = member_config(spec, member)
+        dataset = dataset or load_dataset(cfg.data)
+        try:
+            check_memory(cfg, dataset, plan_batches(cfg, 1).batch_per_gpu, torch.device("cpu"), processes=parallel)
+        except ConfigError as exc:
+            raise SweepError(f"member {member.name}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -143,8 +168,10 @@ def _run_here(spec: SweepSpec, sweep_dir: Path, todo: list[str], result: SweepRe
             try:
                 outcome = run_member(sweep_dir, spec, name, eval_batch=eval_batch, log=log)
             except Exception as exc:   # one member's failure (e.g. divergence) is a result, not the end
-                (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-                (sweep_dir / name / "worker.log").write_text(traceback.format_exc())
+                try:
+                    write_atomic(sweep_dir / name / "worker.log", traceback.format_exc())
+                except OSError:   # a full disk: the message below still says what failed
+                    pass
                 result.failed[name] = f"{type(exc).__name__}: {exc}"
                 log(f"{name}: failed: {result.failed[name]}")
                 continue

@@ -96,7 +96,8 @@ class Checkpointer:
                     keep=self.cfg.train.keep_checkpoints,
                     manifest={**state.manifest(), "config": to_dict(self.cfg),
                               "data_spec": dataclasses.asdict(self.spec), "fewstep_version": __version__,
-                              "torch_version": torch.__version__})
+                              "torch_version": torch.__version__,
+                              "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None})
             except OSError as exc:   # also safetensors' own error for a full disk (fewstep.files)
                 error = (exc, _bytes(weights) + _bytes(opt) + _bytes(rngs))
         acc.wait_for_everyone()
@@ -119,7 +120,7 @@ class Checkpointer:
                 f"could not write {where}: {describe_os_error(exc)}. The newest checkpoint ({newest}) is intact; "
                 f"{fix}, then run `{self.resume}` to resume from it") from exc
         self.status.event({"event": "save_failed", "step": state.step, "kimg": state.kimg, "error": str(exc)},
-                          f"error: could not write {where}: {describe_os_error(exc)}; the training state is "
+                          f"warning: could not write {where}: {describe_os_error(exc)}; the training state is "
                           f"still in memory and the newest checkpoint ({newest}) is untouched. Training goes "
                           f"on and saving is retried at the next checkpoint interval")
         return None

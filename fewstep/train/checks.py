@@ -120,10 +120,11 @@ def find_resume(run_dir: Path, cfg: RunConfig, spec: DataSpec, accelerator: Acce
             ckpt, skipped = None, []
         elif paths and ckpt is None:
             raise ConfigError(
-                f"every checkpoint in {run_dir} is broken ({'; '.join(_reason(m) for m in skipped)}); they are kept "
+                f"every checkpoint in {run_dir} is broken ({'; '.join(_reason(m, run_dir) for m in reversed(skipped))}); "
+                f"they are kept "
                 f"for inspection. To train from step 0 in this directory, rerun with --restart (it moves them, "
                 f"log.jsonl and samples/ into {run_dir}/restarted-<time>/, deleting nothing), or use another --out")
-        notes.extend(("checkpoint_skipped", f"skipping checkpoint: {m}") for m in skipped)
+        notes.extend(("checkpoint_skipped", m) for m in skipped)
         saved = run_dir / "config.json"
         if saved.exists():
             body = _read_config(saved)
@@ -147,9 +148,11 @@ def find_resume(run_dir: Path, cfg: RunConfig, spec: DataSpec, accelerator: Acce
     return ckpt if accelerator.is_main_process else verify_checkpoint(run_dir / name, hashes=False)
 
 
-def _reason(message: str) -> str:
-    """``checkpoint-00000002: truncated …`` from a :class:`CheckpointError` message naming the path."""
-    return message.replace("checkpoint file ", "").replace("checkpoint ", "")
+def _reason(message: str, run_dir: Path) -> str:
+    """A skipped checkpoint's report without the run directory: ``checkpoint-00000002/objective.safetensors
+    is truncated …``."""
+    return (message.removeprefix("skipping checkpoint: ").replace(f"{run_dir}/", "")
+            .removeprefix("checkpoint file ").removeprefix("checkpoint "))
 
 
 def _read_config(path: Path) -> dict:

@@ -90,14 +90,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True, re
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(RunLock(run_dir))
-        stack.enter_context(cpu_threads(cfg.train.cpu_threads, accelerator.device, local_processes()))
         preempt = stack.enter_context(Preemption())
         return _train(cfg, run_dir, accelerator, layout, preempt, show_progress, parallel, restart,
-                      resume_command or f"train() with run directory {run_dir}")
+                      resume_command or f"train() with run directory {run_dir}", stack)
 
 
 def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layout, preempt: Preemption,
-           show_progress: bool, parallel: Parallel, restart: bool, resume: str) -> TrainResult:
+           show_progress: bool, parallel: Parallel, restart: bool, resume: str,
+           stack: contextlib.ExitStack) -> TrainResult:
     t = cfg.train
     device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
     cuda = device.type == "cuda"
@@ -114,6 +114,9 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     if main:
         write_run_config(run_dir, cfg, spec)
     accelerator.wait_for_everyone()
+    # CPU threads: train.cpu_threads, else the count this run started with (a resume stays bit-exact), else auto
+    threads = cfg.train.cpu_threads or (ckpt.manifest.get("cpu_threads") if ckpt is not None else None)
+    stack.enter_context(cpu_threads(threads, device, local_processes()))
 
     torch.manual_seed(t.seed * 1000 + rank)
     objective = build_objective(cfg, spec).to(device)

@@ -5,6 +5,9 @@ used to be killed by the kernel for memory with no message. :func:`estimate_memo
 training step keeps, without allocating it: the objective is built on the ``meta`` device and its
 forward runs on fake tensors (``torch._subclasses.FakeTensorMode``) for one and two samples, while a
 saved-tensor hook adds up what autograd keeps for backward (each storage once, parameters excluded).
+An objective whose step branches on tensor values (ECT tests whether a whole batch is at the boundary)
+cannot run on fake tensors; then one forward of its backbone with gradients is measured, the least any
+objective keeps.
 With the fp32 weights of every copy (online net, EMA tracks, teacher), the gradients and AdamW's two
 moments, that is a lower bound of the step's peak: on CPU the measured peak was 1.1–1.9× the kept
 activations (TVM on DiT-B and on the smoke DiT, flow matching on the smoke DiT), so a run is refused
@@ -15,7 +18,9 @@ and disastrous on a busy one: threads that wait for a descheduled sibling spin. 
 with both cores busy, a toy2d step took 3.4× longer with two threads than with one, a smoke-DiT step
 2.6–6×; on the idle machine two threads were 1.3–1.9× faster. ``train.cpu_threads`` sets the count;
 ``None`` (auto) honours ``OMP_NUM_THREADS`` when it is set, and otherwise takes the cores this process
-may use, less the load average of other work, split over this host's processes (at least one).
+may use, less the load average of other work, split over this host's processes (at least one). A
+matmul's rounding depends on how many threads split it, so checkpoints record the count and a resumed
+run uses it again (bit-exact resumption on CPU); runs compared bit for bit need the same count.
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ class MemoryEstimate:
             when the fake forward could not run (an objective with data-dependent Python control flow).
         fixed_activation_bytes: what it keeps whatever the batch.
         batch_per_gpu: samples per forward.
+        whole_step: the activations are the objective's whole forward (``False``: one backbone forward
+            with gradients, the least any objective keeps, where the step could not run on fake tensors).
     """
 
     parameters: int
@@ -59,6 +66,7 @@ class MemoryEstimate:
     activation_bytes_per_sample: int | None
     fixed_activation_bytes: int
     batch_per_gpu: int
+    whole_step: bool = True
 
     def total(self, batch_per_gpu: int | None = None, activation_factor: float = 1.0) -> int:
         """Lower bound (``activation_factor`` 1) of the step's peak at ``batch_per_gpu`` samples per forward."""
@@ -74,6 +82,8 @@ class MemoryEstimate:
         if self.activation_bytes_per_sample:
             text += (f"; {size_text(self.activation_bytes_per_sample)} of activations per image × "
                      f"{self.batch_per_gpu} images per forward")
+            if not self.whole_step:
+                text += " (one backbone forward's, the least any objective keeps)"
         return text
 
 
@@ -105,9 +115,6 @@ def estimate_memory(cfg: RunConfig, dataset: Any, batch_per_gpu: int, measure_ab
                     ) -> MemoryEstimate:
     """Measure a training step of ``cfg`` on ``dataset``'s items without allocating it (module docstring);
     activations only for models of more than ``measure_above`` trainable parameters."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from fewstep.backbones.inputs import trusted_labels
     from fewstep.build import build_objective
 
     with torch.device("meta"):
@@ -116,15 +123,34 @@ def estimate_memory(cfg: RunConfig, dataset: Any, batch_per_gpu: int, measure_ab
     n_all = sum(p.numel() for p in params)
     n_train = sum(p.numel() for p in params if p.requires_grad)
     state = 4 * (n_all + 3 * n_train)   # fp32 weights of every copy + gradient + AdamW exp_avg, exp_avg_sq
-    x0, y0 = dataset[0]
+    if n_train <= measure_above:
+        return MemoryEstimate(n_all, n_train, state, None, 0, batch_per_gpu)
+    try:
+        (one, two), whole_step = kept_bytes(objective, dataset, (1, 2))
+    except Exception as exc:   # a plugin backbone that fake tensors cannot run: weights and optimizer only
+        log.warning("the activation memory of this run could not be measured (%s); only weights and optimizer "
+                    "state are counted", exc)
+        return MemoryEstimate(n_all, n_train, state, None, 0, batch_per_gpu, False)
+    return MemoryEstimate(n_all, n_train, state, max(two - one, 0), max(2 * one - two, 0), batch_per_gpu, whole_step)
 
-    def kept(batch: int) -> int:
-        """Bytes autograd keeps for backward in a forward of ``batch`` samples (each storage once)."""
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model = objective.to_empty(device="cpu")
-            seen = {p.untyped_storage()._cdata for p in model.parameters()}
-            seen |= {b.untyped_storage()._cdata for b in model.buffers()}
-            total = 0
+
+def kept_bytes(objective: torch.nn.Module, dataset: Any, batches: tuple[int, ...]) -> tuple[list[int], bool]:
+    """Bytes autograd keeps for backward (each storage once, parameters and buffers excluded) in a training
+    forward of ``objective`` (built on the ``meta`` device) for each of ``batches`` copies of ``dataset[0]``,
+    run on fake tensors. Returns them and whether they are the whole step's (``False``: one backbone
+    forward's, where the step branches on tensor values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fewstep.backbones.inputs import trusted_labels
+
+    x0, y0 = dataset[0]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = objective.to_empty(device="cpu")
+        weights = {p.untyped_storage()._cdata for p in model.parameters()}
+        weights |= {b.untyped_storage()._cdata for b in model.buffers()}
+
+        def kept(batch: int, whole_step: bool) -> int:
+            seen, total = set(weights), 0
 
             def pack(t: torch.Tensor) -> torch.Tensor:
                 nonlocal total
@@ -137,18 +163,20 @@ def estimate_memory(cfg: RunConfig, dataset: Any, batch_per_gpu: int, measure_ab
             x = x0.unsqueeze(0).expand(batch, *x0.shape).contiguous()
             y = torch.as_tensor(y0).reshape(1).expand(batch).contiguous() if dataset.spec.num_classes else None
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), trusted_labels():
-                model(x, y, torch.Generator().manual_seed(0), 0)
-        return total
+                if whole_step:
+                    model(x, y, torch.Generator().manual_seed(0), 0)
+                else:   # one forward of the backbone with gradients: what any objective keeps at least
+                    t = torch.full((batch,), 0.5)
+                    needs = model.needs
+                    model.backbone(x, t, t * 0.5 if needs.time_inputs == 2 else None, y,
+                                   **({"guidance": t} if needs.guidance_input else {}))
+            return total
 
-    if n_train <= measure_above:
-        return MemoryEstimate(n_all, n_train, state, None, 0, batch_per_gpu)
-    try:
-        one, two = kept(1), kept(2)
-        per, fixed = max(two - one, 0), max(2 * one - two, 0)
-    except Exception as exc:   # a plugin's forward that fake tensors cannot run: weights and optimizer only
-        log.debug("activation memory not measured: %s", exc)
-        per, fixed = None, 0
-    return MemoryEstimate(n_all, n_train, state, per, fixed, batch_per_gpu)
+        try:
+            return [kept(b, True) for b in batches], True
+        except Exception as exc:   # data-dependent Python control flow (ECT's all-boundary test) …
+            log.debug("the objective's step cannot run on fake tensors (%s): measuring one backbone forward", exc)
+            return [kept(b, False) for b in batches], False
 
 
 def check_memory(cfg: RunConfig, dataset: Any, batch_per_gpu: int, device: torch.device, processes: int = 1,
