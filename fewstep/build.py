@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,9 +57,13 @@ def find_checkpoint(run: str | os.PathLike) -> Checkpoint:
         raise FileNotFoundError(f"no such run or checkpoint directory: {run}")
     if (run / "manifest.json").exists():
         return verify_checkpoint(run)
-    ckpt = latest_checkpoint(run)
+    skipped: list[str] = []
+    ckpt = latest_checkpoint(run, report=skipped.append)
     if ckpt is None:
-        raise CheckpointError(f"{run} holds no valid checkpoint (expected checkpoint-*/manifest.json)")
+        why = f": {'; '.join(m.removeprefix('skipping checkpoint: ') for m in skipped)}" if skipped else ""
+        raise CheckpointError(f"{run} holds no valid checkpoint (expected checkpoint-*/manifest.json){why}")
+    for message in skipped:
+        warnings.warn(message, stacklevel=2)
     return ckpt
 
 

@@ -693,6 +693,11 @@ def sweep(
 def _app() -> None:
     """The typer app, with a last net under every command: a file error that no command expected (a full
     disk, another user's files) is one line, not a traceback."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: (   # one line, not file:line: Category
+        f"warning: {message}\n" if issubclass(category, UserWarning) else
+        f"{category.__name__}: {message}\n")
     try:
         app()
     except OSError as exc:

@@ -267,3 +267,12 @@ def test_installed_plugin_trains_through_the_cli(tmp_path):
     assert set(metrics["sliced_wasserstein"]) == {"1", "4"}
     assert "5 images × [1 NFE (1 evaluations), 2 NFE (2 evaluations)]" in fewstep(
         "sample", "--run", "run", "--nfe", "1,2", "--seeds", "0-4", "--out", "grid.png")
+
+
+def test_an_objective_entry_point_that_is_not_a_class_is_listed_as_unavailable(entry_points):
+    entry_points("fewstep.objectives", "joined", "os.path:join", "bad-plugin")
+    listed = " ".join(runner.invoke(app, ["list", "objectives"], env={"COLUMNS": "400"}).output.split())
+    assert "joined │ unavailable" in listed and "is a function, not a class" in listed
+    res = cli("train", "--objective", "joined", "--dry-run")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "objective 'joined' is unavailable" in " ".join(res.output.split())

@@ -135,9 +135,10 @@ def estimate_memory(cfg: RunConfig, dataset: Any, batch_per_gpu: int, measure_ab
 
 
 def kept_bytes(objective: torch.nn.Module, dataset: Any, batches: tuple[int, ...]) -> tuple[list[int], bool]:
-    """Bytes autograd keeps for backward (each storage once, parameters and buffers excluded) in a training
+    """Bytes autograd saves for backward (each storage once, parameters and buffers excluded) in a training
     forward of ``objective`` (built on the ``meta`` device) for each of ``batches`` copies of ``dataset[0]``,
-    run on fake tensors. Returns them and whether they are the whole step's (``False``: one backbone
+    run on fake tensors. Graphs an objective builds and drops within its forward count too, so this
+    can exceed what is held at the end of the forward. Returns them and whether they are the whole step's (``False``: one backbone
     forward's, where the step branches on tensor values)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -150,13 +151,14 @@ def kept_bytes(objective: torch.nn.Module, dataset: Any, batches: tuple[int, ...
         weights |= {b.untyped_storage()._cdata for b in model.buffers()}
 
         def kept(batch: int, whole_step: bool) -> int:
-            seen, total = set(weights), 0
+            seen, total, alive = set(weights), 0, []
 
             def pack(t: torch.Tensor) -> torch.Tensor:
                 nonlocal total
                 storage = t.untyped_storage()
                 if storage._cdata not in seen:
                     seen.add(storage._cdata)
+                    alive.append(t)   # no storage is freed and its address reused during the count
                     total += storage.nbytes()
                 return t
 
