@@ -118,8 +118,8 @@ def train(
     out: Optional[Path] = typer.Option(None, help="Run directory; an existing run there is resumed. Default: runs/NNNNN-…"),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything that can be checked without "
-                                 "training (config, batch layout, data, memory on a CPU), print the resolved "
-                                 "config and exit."),
+                                 "training (config, batch layout, data; on a CPU, warn when the memory would not "
+                                 "do), print the resolved config and exit."),
     restart: bool = typer.Option(False, "--restart", help="Start the run directory over from step 0: its "
                                  "checkpoints, log, samples and config move into DIR/restarted-<time>/ (nothing is "
                                  "deleted). Needed when every checkpoint there is broken."),
@@ -168,7 +168,9 @@ def train(
 
 
 def _dry_run(cfg: RunConfig, world: int) -> None:
-    """``train --dry-run``: the checks training makes before any compute, then the resolved config."""
+    """``train --dry-run``: the checks training makes before any compute, then the resolved config. Whether
+    this machine's memory holds the run is a warning here, not an error: a dry run on a laptop may well be
+    the check of a GPU run."""
     import torch
 
     from fewstep.data import load_dataset
@@ -178,7 +180,10 @@ def _dry_run(cfg: RunConfig, world: int) -> None:
     layout = preflight(cfg, world)
     dataset = load_dataset(cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_memory(cfg, dataset, layout.batch_per_gpu, device, processes=local_processes())
+    try:
+        check_memory(cfg, dataset, layout.batch_per_gpu, device, processes=local_processes())
+    except ConfigError as exc:
+        err.print(f"warning: on this machine {exc}", markup=False, highlight=False, soft_wrap=True)
     console.print_json(json.dumps(to_dict(cfg)))
 
 

@@ -33,7 +33,7 @@ def test_list_shows_every_kind():
 def test_tvm_on_dit_xl_resolves_with_the_embedders_it_needs():
     res = run("train", "--objective", "tvm", "--backbone", "dit-xl", "--dry-run")
     assert res.exit_code == 0, res.output
-    cfg = json.loads(res.output)
+    cfg = json.loads(res.stdout)   # stderr may warn that this CPU's memory would not hold the run
     assert cfg["objective"]["name"] == "tvm" and cfg["objective"]["teacher_beta"] == 0.99
     assert cfg["backbone"]["depth"] == 28 and cfg["backbone"]["hidden_size"] == 1152
     assert cfg["backbone"]["gap_embedder"] and cfg["backbone"]["guidance_embedder"]
