@@ -1,7 +1,8 @@
-"""The ``fewstep`` command line: train, sample, list."""
+"""The ``fewstep`` command line: train, sample, export, evaluate, compare, list."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -9,19 +10,24 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from fewstep import __version__
+from fewstep.clihelp import FewstepCommand, FewstepGroup, reflow_help
 from fewstep.checkpoints import CheckpointError
 from fewstep.config import ConfigError, RunConfig, apply_overrides, default_backbone_config, to_dict
 from fewstep.registry import REGISTRIES, RegistryError, recipes
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=FewstepGroup,
                   help="Train, sample and evaluate one- and few-step generative models.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (GPU): each prints times, TFLOP/s or images/s "
-                        "and peak memory, as ratios against a baseline run in the same process.")
+bench_app = typer.Typer(no_args_is_help=True, cls=FewstepGroup, help="Benchmarks (GPU): each prints times, "
+                        "TFLOP/s or images/s and peak memory, as ratios against a baseline run in the same process.")
 app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
+log = logging.getLogger("fewstep.cli")
 
 from fewstep.data.base import DataError
 
@@ -33,8 +39,27 @@ USER_ERRORS = (RegistryError, ConfigError, CheckpointError, DataError, FileNotFo
 
 def _fail(exc: BaseException) -> None:
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)   # [hf] is text, not markup
     raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fewstep {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also debug messages."),
+) -> None:
+    """Train, sample and evaluate one- and few-step generative models."""
+    from fewstep.logs import setup_logging
+
+    setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def _write_json(path: Optional[Path], body: dict, default=None) -> None:
@@ -58,7 +83,8 @@ def _write_bench_json(path: Optional[Path], body: dict, default=None) -> None:
 
 
 def build_config(recipe: str, objective: Optional[str], backbone: Optional[str], data: Optional[str],
-                 kimg: Optional[float], batch: Optional[int], overrides: list[str]) -> RunConfig:
+                 kimg: Optional[float], batch: Optional[int], overrides: list[str], lr: Optional[float] = None,
+                 seed: Optional[int] = None) -> RunConfig:
     """Recipe → config with the CLI's choices and ``--set`` overrides applied (no compute)."""
     make = recipes.get(recipe)
     cfg: RunConfig = make(objective) if objective else make()
@@ -70,6 +96,10 @@ def build_config(recipe: str, objective: Optional[str], backbone: Optional[str],
         cfg.train.total_kimg = kimg
     if batch is not None:
         cfg.train.batch = batch
+    if lr is not None:
+        cfg.train.lr = lr
+    if seed is not None:
+        cfg.train.seed = seed
     return apply_overrides(cfg, overrides)
 
 
@@ -89,6 +119,8 @@ def train(
     data: Optional[str] = typer.Option(None, help="Dataset: a registered name, imagefolder:PATH or hub:NAME."),
     kimg: Optional[float] = typer.Option(None, help="Training length in thousands of images."),
     batch: Optional[int] = typer.Option(None, help="Global batch (images per optimizer step)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (train.lr); schedules: train.lr_schedule."),
+    seed: Optional[int] = typer.Option(None, help="Training seed (train.seed)."),
     out: Optional[Path] = typer.Option(None, help="Run directory; an existing run there is resumed. Default: runs/NNNNN-…"),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
@@ -96,7 +128,7 @@ def train(
 ) -> None:
     """Train a model; writes config.json, log.jsonl, checkpoints and sample grids to the run directory."""
     try:
-        cfg = build_config(recipe, objective, backbone, data, kimg, batch, set_)
+        cfg = build_config(recipe, objective, backbone, data, kimg, batch, set_, lr=lr, seed=seed)
         from fewstep.build import resolve
 
         cfg = resolve(cfg)
@@ -403,6 +435,9 @@ def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones
             continue
         for entry in entries:
             table.add_row(entry.name, escape(entry.source), escape(entry.summary))
+        if name == "metrics":   # what `fewstep sweep --metric` accepts
+            for row in _sweep_metrics():
+                table.add_row(*map(escape, row))
         for planned, why in reg.planned().items():
             table.add_row(planned, "[dim]planned[/]", f"[dim]{escape(why)}[/]")
         for broken, why in reg.unavailable().items():
@@ -410,6 +445,20 @@ def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones
         console.print(table)
     if failed:
         raise typer.Exit(2)
+
+
+def _sweep_metrics() -> list[tuple[str, str, str]]:
+    """(name, source, summary) of every value `fewstep sweep --metric` accepts."""
+    from fewstep.registry import extractors
+    from fewstep.sweep.spec import POINTS_METRIC
+
+    import fewstep.metrics  # noqa: F401  (registers the in-tree extractors)
+
+    rows = [("auto", "fewstep", "fmnist-classifier on Fashion-MNIST, inception on other images, "
+             f"{POINTS_METRIC} on points")]
+    rows += [(e.name, e.source, f"Fréchet distance in its features ({e.summary})") for e in extractors.entries()]
+    rows.append((POINTS_METRIC, "fewstep", "sliced Wasserstein-2 to held-out points (point data, e.g. toy2d)"))
+    return rows
 
 
 def _extractor_options(extractor: str, inception: Optional[Path]) -> dict:
@@ -581,7 +630,7 @@ def sweep(
     minutes: Optional[float] = typer.Option(None, help="Wall-clock training budget per member (train.max_minutes, "
                                             "summed over resumes); with --kimg, whichever comes first."),
     nfe: Optional[str] = typer.Option(None, help="Comma list of NFEs to evaluate (default 1,2,4)."),
-    metric: Optional[str] = typer.Option(None, help="An extractor for a Fréchet distance (`fewstep list extractors`), "
+    metric: Optional[str] = typer.Option(None, help="An extractor for a Fréchet distance (`fewstep list metrics`), "
                                          "sliced-wasserstein for point data, or auto (default: fmnist-classifier on "
                                          "Fashion-MNIST, inception on other images, sliced-wasserstein on points)."),
     num: Optional[int] = typer.Option(None, help="Samples per NFE for the metric, seeds 0 … NUM−1 (default 10000)."),
@@ -651,6 +700,8 @@ def main() -> None:
 
     exit_process(code)
 
+
+reflow_help(app)
 
 if __name__ == "__main__":
     main()

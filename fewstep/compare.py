@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fewstep.build import config_changes
+from fewstep.build import config_changes, with_defaults
 from fewstep.train.status import describe, start_records, status_records
 
 # Settings that change how a run executes, not what it computes (up to floating-point order).
@@ -97,7 +97,7 @@ def _config(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise CompareError(f"{run_dir}: no config.json (is it a fewstep run directory?)")
     saved = json.loads(path.read_text())
-    return {**saved.get("config", {}), "data_spec": saved.get("data_spec", {})}
+    return {**with_defaults(saved.get("config", {})), "data_spec": saved.get("data_spec", {})}
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, key: str = "loss") -> Comparison:

@@ -33,6 +33,7 @@ from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
 from fewstep.images import make_grid, write_png
 from fewstep.sample import output_decoder, sample
+from fewstep.schedules import TrainingSchedule
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
 from fewstep.train.distributed import Parallel
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
@@ -133,6 +134,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     if opt_state is not None:
         parallel.load_optimizer_state(optimizer, opt_state, params)
     model, optimizer = parallel.prepare(objective, optimizer)
+    schedule = TrainingSchedule(t)   # lr warm-up/decay and EMA decays in kimg; a no-op with the defaults
     stream = BatchStream(dataset, layout.batch_per_gpu, seed=t.seed, rank=rank, world_size=layout.world,
                          num_workers=cfg.data.num_workers, device=device, start_position=position)
     batches = iter(stream)
@@ -268,6 +270,9 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                 guard.record(True)
                 skip(info)
             else:
+                lr = schedule.apply(optimizer, accelerator.unwrap_model(model), nimg + t.batch)
+                if schedule.varies:
+                    step_logs["lr"] = torch.tensor(lr, device=device)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.unwrap_model(model).after_step()
