@@ -64,16 +64,24 @@ def find_checkpoint(run: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
-def load_objective(run: str | os.PathLike, device: torch.device | str = "cpu"
+def load_objective(run: str | os.PathLike, device: torch.device | str = "cpu", weights: str | None = None
                    ) -> tuple[Objective, RunConfig, Checkpoint]:
-    """Rebuild an objective from a run or checkpoint directory.
+    """Rebuild an objective from a run directory, a checkpoint directory or an exported model.
 
     Args:
-        run: run directory (newest valid checkpoint is used) or one checkpoint directory.
+        run: run directory (newest valid checkpoint is used), one checkpoint directory, or a model
+            written by ``fewstep export`` (:mod:`fewstep.export`).
         device: where to put the weights.
+        weights: the weights the caller will sample with; only checked for exported models, which hold
+            one set (``None``: theirs).
     Returns:
-        (objective, its run config, the checkpoint read).
+        (objective, its run config, the checkpoint read; for an exported model its ``config.json`` as
+        the manifest).
     """
+    from fewstep.export import is_exported, load_exported
+
+    if is_exported(run):
+        return load_exported(run, device=device, weights=weights)
     ckpt = find_checkpoint(run)
     cfg = run_config_from_dict(ckpt.manifest["config"])
     spec = spec_from_dict(ckpt.manifest["data_spec"])

@@ -165,7 +165,8 @@ def train(
 
 @app.command()
 def sample(
-    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
+    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint), one checkpoint directory or an "
+                             "exported model (fewstep export)."),
     nfe: str = typer.Option("1", help="Jumps per image; a comma list (1,2,4) stacks one grid block per value."),
     seeds: str = typer.Option("0-63", help="Sample seeds, e.g. 0-63 or 1,5,9; image i depends only on its seed."),
     out: Path = typer.Option(Path("grid.png"), help="Output PNG grid."),
@@ -174,42 +175,70 @@ def sample(
     class_label: Optional[int] = typer.Option(None, "--class", help="Draw every image from this class."),
     batch: int = typer.Option(64, help="Images per forward (does not change the images)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
-    save_tensor: Optional[Path] = typer.Option(None, help="Also save the raw samples (safetensors)."),
+    save_tensor: Optional[Path] = typer.Option(None, help="Also save the samples (safetensors): nfe<N> in data "
+                                               "units, and pixels<N> as uint8 images for image data."),
 ) -> None:
-    """Sample a trained run into a PNG grid."""
-    import torch
-
-    from fewstep.build import load_objective
-    from fewstep.images import make_grid, write_png
-    from fewstep.sample import parse_seeds, sample as run_sampler
+    """Sample a trained run into a PNG grid, one labelled block per NFE (the same images as fewstep.load(RUN).sample)."""
+    from fewstep.model import load
+    from fewstep.plots import scatter_png, step_label, write_grid
+    from fewstep.sample import parse_seeds
 
     try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
         nfes = [int(v) for v in nfe.split(",")]
         seed_list = parse_seeds(seeds)
-        objective, cfg, ckpt = load_objective(run, device=dev)
-        weights = weights or cfg.sample.weights
-        results = [run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
-                               guidance=guidance, batch_size=batch, device=dev, autocast=dev.type == "cuda")
-                   for n in nfes]
-        if ckpt.manifest["data_spec"].get("kind") == "points":   # toy data: one scatter panel per NFE
-            from fewstep.plots import scatter_png
-
-            scatter_png(out, [r.images.flatten(1)[:, :2] for r in results])
+        model = load(run, weights=weights, device=device)
+        results = [model.generate(seed_list, n, labels=class_label, guidance=guidance, batch=batch) for n in nfes]
+        labels = [step_label(r.nfe) for r in results]
+        if model.spec.kind == "points":   # toy data: one scatter panel per NFE
+            scatter_png(out, [r.images.flatten(1)[:, :2] for r in results], labels,
+                        title=f"{len(seed_list)} samples per panel ({model.weights} weights)")
         else:
-            from fewstep.sample import output_decoder
-
-            decode = output_decoder(cfg.data, ckpt.manifest["data_spec"], device=dev)   # VAE decode for latents
-            write_png(out, make_grid([decode(r.images) for r in results]))
+            write_grid(out, [r.pixels for r in results], labels,
+                       title=f"seeds {seeds}, {model.weights} weights" + (f", class {class_label}"
+                                                                         if class_label is not None else ""))
         if save_tensor:
             from safetensors.torch import save_file
 
-            save_file({f"nfe{r.nfe}": r.images.contiguous() for r in results}, str(save_tensor))
-    except USER_ERRORS as exc:
+            tensors = {f"nfe{r.nfe}": r.images.contiguous() for r in results}
+            tensors.update({f"pixels{r.nfe}": r.pixels.contiguous() for r in results if r.pixels is not None})
+            save_file(tensors, str(save_tensor))
+    except (*USER_ERRORS, ImportError) as exc:
         _fail(exc)
     summary = ", ".join(f"{r.nfe} NFE ({r.evaluations} evaluations)" for r in results)
-    console.print(f"wrote {out}: {len(seed_list)} images × [{summary}] from {ckpt.path} ({weights} weights)")
+    console.print(f"wrote {out}: {len(seed_list)} images × [{summary}] from {model.checkpoint.path} "
+                  f"({model.weights} weights)", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
+    out: Path = typer.Option(..., help="Directory to write the model into (model.safetensors, config.json, "
+                             "README.md, samples.png)."),
+    weights: Optional[str] = typer.Option("ema", help="'online' or an EMA track name."),
+    grid: int = typer.Option(16, help="Images per NFE in samples.png (0: none)."),
+    device: str = typer.Option("auto", help="Where the sample grid is drawn: cpu, cuda, or auto."),
+    push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face model repo "
+                                              "(user/name; needs the network and a login)."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo as private."),
+) -> None:
+    """Export an inference-only model: the weights sampling needs, the config and a model card. fewstep.load,
+    fewstep sample --run and fewstep eval --run accept the directory."""
+    from fewstep.export import check_hub, export_model, push_to_hub as push
+
+    try:
+        if push_to_hub:
+            check_hub(push_to_hub)   # offline: fail before any work
+        export_model(run, out, weights=weights, grid=grid, device=None if device == "auto" else device)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print(f"wrote {out} (model.safetensors, config.json, README.md)", highlight=False, markup=False)
+    if push_to_hub:
+        try:
+            url = push(out, push_to_hub, private=private)
+        except Exception as exc:   # network, authentication, permissions: one line, the export stays
+            _fail(ValueError(f"upload to {push_to_hub} failed ({type(exc).__name__}: {exc}); the export in {out} is "
+                             f"complete: retry, or upload it with `hf upload {push_to_hub} {out}`"))
+        console.print(f"uploaded to {url}", highlight=False, markup=False)
 
 
 @bench_app.command("attention")
@@ -467,7 +496,8 @@ def _extractor_options(extractor: str, inception: Optional[Path]) -> dict:
 
 @app.command("eval")
 def eval_(
-    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
+    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint), one checkpoint directory or an "
+                             "exported model."),
     nfe: str = typer.Option("1", help="Jumps per image; a comma list (1,2,4) gives one FID per value."),
     num: int = typer.Option(50000, help="Images per NFE (50000 for the papers' numbers); seeds SEED … SEED+NUM−1."),
     ref: Path = typer.Option(..., help="Reference statistics (.npz) from `fewstep fid-ref`."),

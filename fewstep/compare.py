@@ -133,10 +133,8 @@ def report(c: Comparison, name_a: str, name_b: str) -> list[str]:
 
 
 def plot(c: Comparison, path: str | Path, name_a: str = "A", name_b: str = "B") -> Path:
-    """Both curves on one chart, as a PNG."""
-    from fewstep.images import write_png
+    """Both curves on one chart, as a PNG (needs matplotlib: ``fewstep[plots]``)."""
     from fewstep.plots import Series, line_chart
 
-    chart = line_chart([Series(name_a, list(c.kimg), list(c.a)), Series(name_b, list(c.kimg), list(c.b))],
-                       title=f"{c.key}: {name_a} vs {name_b}", xlabel="kimg", ylabel=c.key)
-    return write_png(path, chart)
+    return line_chart(path, [Series(name_a, list(c.kimg), list(c.a)), Series(name_b, list(c.kimg), list(c.b))],
+                      title=f"{c.key}: {name_a} vs {name_b}", xlabel="kimg (thousands of images seen)", ylabel=c.key)

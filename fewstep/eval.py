@@ -206,7 +206,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     """FID of a trained run at each NFE (``fewstep eval``); the main process writes the JSON.
 
     Args:
-        run: run directory (newest valid checkpoint) or one checkpoint directory.
+        run: run directory (newest valid checkpoint), one checkpoint directory or an exported model.
         nfes: sampler jumps to evaluate, e.g. (1, 2, 4).
         num: images per NFE (50 000 for the papers' numbers); seeds ``seed … seed + num − 1``.
         ref: reference statistics from :func:`make_reference` (checked against the extractor and images).
@@ -222,7 +222,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
 
     acc = _accelerator()
     ex = make_extractor(extractor, device=acc.device, **(extractor_options or {}))   # missing weights: fail first
-    objective, cfg, ckpt = load_objective(run, device=acc.device)
+    objective, cfg, ckpt = load_objective(run, device=acc.device, weights=weights)
     spec = ckpt.manifest["data_spec"]
     kind = spec.get("kind", "pixels")
     if kind == "points":
@@ -264,7 +264,10 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         "dataset": cfg.data.name, "num_processes": acc.num_processes,
     })
     if acc.is_main_process:
-        _write_json(Path(out) if out else ckpt.path.parent / "fid.json", body)
+        from fewstep.export import is_exported
+
+        home = ckpt.path if is_exported(ckpt.path) else ckpt.path.parent   # the run (or exported model) directory
+        _write_json(Path(out) if out else home / "fid.json", body)
     acc.wait_for_everyone()
     return body
 

@@ -31,7 +31,7 @@ from fewstep.config import RunConfig, to_dict
 from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
-from fewstep.images import make_grid, write_png
+from fewstep.plots import step_label, write_grid
 from fewstep.sample import output_decoder, sample
 from fewstep.schedules import TrainingSchedule
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
@@ -201,7 +201,8 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         blocks = [to_pixels(sample(obj, seeds, nfe, weights=cfg.sample.weights, guidance=cfg.sample.guidance,
                                   autocast=cuda and t.precision == "bf16").images) for nfe in cfg.sample.nfe]
         try:
-            write_png(run_dir / "samples" / f"{tag}.png", make_grid(blocks))
+            write_grid(run_dir / "samples" / f"{tag}.png", blocks, [step_label(n) for n in cfg.sample.nfe],
+                       title=f"{tag}: seeds 0–{len(seeds) - 1}, {cfg.sample.weights} weights")
         except OSError as exc:
             status.event({"event": "grid_failed", "error": str(exc)}, f"warning: sample grid {tag} not written: {exc}")
 
