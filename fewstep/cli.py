@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fewstep import __version__
-from fewstep.clihelp import FewstepCommand, FewstepGroup, reflow_help
+from fewstep.clihelp import FewstepGroup, reflow_help
 from fewstep.checkpoints import CheckpointError
 from fewstep.config import ConfigError, RunConfig, apply_overrides, default_backbone_config, to_dict
 from fewstep.registry import REGISTRIES, RegistryError, recipes
@@ -335,8 +335,7 @@ def bench_step(
     results = []
     for cfg in configs:
         results.append(bench_objective(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
-                                       functorch=jvp == "functorch", checkpointing=checkpointing, top=profile,
-                                       log=lambda m: console.print(m, highlight=False)))
+                                       functorch=jvp == "functorch", checkpointing=checkpointing, top=profile))
         console.print(summary(results[-1:], None)[0], highlight=False)
         for line in kernel_table(results[-1]) if profile else []:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -358,7 +357,7 @@ def _bench_scaling(cfg: RunConfig, spec, batch: int, steps: int, warmup: int, co
     main = int(os.environ.get("RANK", "0")) == 0
     say = (lambda m: console.print(m, highlight=False)) if main else (lambda m: None)
     r = bench_scaling(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
-                      checkpointing=checkpointing, log=say)
+                      checkpointing=checkpointing)
     say(scaling_line(r))
     if main:
         _write_bench_json(out, {"world": r.world, "batch_per_gpu": batch, "compile": compile,
@@ -579,7 +578,7 @@ def bench_fid(
     try:
         result = run_bench(num=num, batch=batch, nfe=nfe, inception=inception, extractor=extractor,
                            backbone=backbone, resolution=resolution, run=str(run) if run else None,
-                           ref_num=ref_num, device=device, cleanfid=cleanfid, log=console.print)
+                           ref_num=ref_num, device=device, cleanfid=cleanfid)
     except USER_ERRORS as exc:
         _fail(exc)
     _write_json(out, result)
@@ -608,7 +607,7 @@ def prepare(
     try:
         prepare_latents(data, out, resolution=resolution, vae=vae, split=split, batch_size=batch,
                         shard_size=shard_size, workers=workers, dtype=dtype, seed=seed, limit=limit,
-                        progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                        progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -641,8 +640,7 @@ def bench_data(
         dataset = load_dataset(DataConfig(name=data, root=root, split=split, resolution=resolution))
         result = run_bench(dataset, batch=batch, steps=steps, warmup=warmup,
                            workers=[int(v) for v in workers.split(",")], prefetch=[int(v) for v in prefetch.split(",")],
-                           pin_memory=pin_memory, device=device, step_ms=step_ms,
-                           log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                           pin_memory=pin_memory, device=device, step_ms=step_ms)
     except USER_ERRORS as exc:
         _fail(exc)
     _write_json(out, result)
@@ -702,8 +700,7 @@ def sweep(
                 console.print(f"{name}: " + ("; ".join(diff) if diff and name != first else "(reference)"),
                               highlight=False, soft_wrap=True)
             return
-        result = run_sweep(spec, out, parallel=parallel, gpus=gpus.split(",") if gpus else None, eval_batch=eval_batch,
-                           log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        result = run_sweep(spec, out, parallel=parallel, gpus=gpus.split(",") if gpus else None, eval_batch=eval_batch)
     except (SweepError, *USER_ERRORS) as exc:
         _fail(exc)
     console.print((out / "results.md").read_text(), highlight=False, soft_wrap=True)

@@ -16,6 +16,7 @@ Seeds are dealt to processes round-robin (process r takes images r, r + P, …);
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from fewstep.images import to_uint8
 from fewstep.metrics.extractors import FeatureExtractor, make_extractor
 from fewstep.metrics.fid import FeatureStats, frechet_distance
 from fewstep.sample import sample
+
+log = logging.getLogger(__name__)
 
 STATS_FORMAT = "fewstep-fid-stats/1"
 CHECKED_FIELDS = ("extractor", "weights_sha256", "resize", "resolution", "channels")
@@ -237,7 +240,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     reference = load_stats(ref)
     check_reference(reference, expected, trust=trust_ref)
     if reference.metadata and reference.metadata.get("dataset") != cfg.data.name:
-        acc.print(f"note: reference statistics are of {reference.metadata.get('dataset')!r}, "
+        log.info(f"note: reference statistics are of {reference.metadata.get('dataset')!r}, "
                   f"the run trained on {cfg.data.name!r}")
     weights = weights or cfg.sample.weights
     autocast = acc.device.type == "cuda" and cfg.train.precision == "bf16"
@@ -256,7 +259,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         body["fid"][k], body["seconds"][k] = fid, round(seconds, 3)
         body["images_per_second"][k] = round(num / seconds, 2)
         body["evaluations"][k] = evaluations
-        acc.print(f"FID {nfe}-NFE: {fid:.4f} ({num} images, {seconds:.1f} s)")
+        log.info(f"FID {nfe}-NFE: {fid:.4f} ({num} images, {seconds:.1f} s)")
     body.update({
         "num": num, "seed": seed, "weights": weights, "guidance": guidance, "class_label": class_label,
         "extractor": ex.metadata(), "ref": {"path": str(reference.path), "metadata": reference.metadata},

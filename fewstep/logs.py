@@ -42,7 +42,6 @@ def _install(handler: logging.Handler, level: int) -> logging.Logger:
     handler.addFilter(RankZeroFilter())
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
     return logger
 
 

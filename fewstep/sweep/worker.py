@@ -13,19 +13,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from fewstep.checkpoints import latest_checkpoint
 from fewstep.config import RunConfig
 from fewstep.sweep.spec import POINTS_METRIC, SPEC_FILE, Member, SweepSpec, member_config, spec_from_dict
+
+log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 
@@ -96,7 +99,7 @@ def write_json(path: Path, body: dict) -> None:
 
 
 def run_member(sweep_dir: str | os.PathLike, spec: SweepSpec, name: str, *, eval_batch: int | None = None,
-               show_progress: bool = False, log: Callable[[str], None] = print) -> str:
+               show_progress: bool = False) -> str:
     """Bring member ``name`` to finished: train unless done, evaluate unless current.
 
     Returns:
@@ -110,18 +113,17 @@ def run_member(sweep_dir: str | os.PathLike, spec: SweepSpec, name: str, *, eval
     state = member_state(sweep_dir, spec, member, cfg)
     if not state.trained:
         if state.step:
-            log(f"{name}: resuming at {state.kimg:.3f} kimg (step {state.step})")
+            log.info(f"{name}: resuming at {state.kimg:.3f} kimg (step {state.step})")
         result = train(cfg, sweep_dir / name, show_progress=show_progress)
         if result.stopped:
             return result.stopped
         state = member_state(sweep_dir, spec, member, cfg)
     if not state.evaluated:
-        evaluate_member(sweep_dir, spec, member, eval_batch=eval_batch, log=log)
+        evaluate_member(sweep_dir, spec, member, eval_batch=eval_batch)
     return "finished"
 
 
-def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_batch: int | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_batch: int | None = None) -> dict[str, Any]:
     """Score the member's newest checkpoint at every NFE with ``spec.metric`` and draw its sample grid;
     writes ``eval.json`` last. Returns its body."""
     from fewstep.build import load_objective
@@ -139,7 +141,8 @@ def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_ba
         detail = evaluate_points(objective, held_out, run_dir, nfes=spec.nfe, num=spec.num, weights=weights,
                                  guidance=guidance)
         scores = detail["sliced_wasserstein"]
-        shutil.copyfile(run_dir / "samples" / "scatter.png", grid_path(sweep_dir, member))
+        if detail["scatter"] is not None:   # drawn when matplotlib is installed
+            shutil.copyfile(run_dir / "samples" / "scatter.png", grid_path(sweep_dir, member))
         extra = {"floor": detail["test_reference_floor"]}
     else:
         import fewstep.metrics.classifier  # noqa: F401  (registers fmnist-classifier)
@@ -158,7 +161,7 @@ def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_ba
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "seconds": round(time.perf_counter() - t0, 2), **extra}
     write_json(run_dir / EVAL_FILE, body)
-    log(f"{member.name}: " + ", ".join(f"{spec.metric} {k} NFE {v:.4g}" for k, v in scores.items()))
+    log.info(f"{member.name}: " + ", ".join(f"{spec.metric} {k} NFE {v:.4g}" for k, v in scores.items()))
     return body
 
 
@@ -191,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batch", type=int, default=None)
     args = ap.parse_args(argv)
     spec = load_saved_spec(args.sweep_dir)
-    outcome = run_member(args.sweep_dir, spec, args.member, eval_batch=args.eval_batch,
-                         log=lambda m: print(m, flush=True))
+    from fewstep.logs import setup_plain_logging
+
+    setup_plain_logging()   # plain lines on stdout: the sweep sends them to MEMBER/worker.log
+    outcome = run_member(args.sweep_dir, spec, args.member, eval_batch=args.eval_batch)
     return 0 if outcome == "finished" else 128 + int(getattr(signal, outcome, signal.SIGTERM))
