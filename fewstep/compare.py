@@ -22,7 +22,7 @@ from fewstep.train.status import describe, start_records, status_records
 EXECUTION_KEYS = frozenset({"train.distributed", "train.batch_per_gpu", "train.compile", "train.compile_tuning",
                             "train.activation_checkpointing", "train.checkpoint_blocks", "train.max_minutes",
                             "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
-                            "train.keep_checkpoints"})
+                            "train.keep_checkpoints", "train.trackers", "train.tracker_project"})
 
 
 class CompareError(ValueError):

@@ -113,6 +113,9 @@ class TrainConfig:
         checkpoint_blocks: with ``activation_checkpointing``, recompute only the first this many
             blocks (``None``: all): memory and recompute both scale with the number, so pick the
             smallest that fits (``fewstep bench step --checkpointing --set train.checkpoint_blocks=N``).
+        trackers: experiment trackers that get the status records, the config and the sample grids
+            (Accelerate's: ``tensorboard``, ``wandb``, …; :mod:`fewstep.train.trackers`); rank 0 only.
+        tracker_project: the project name trackers file the run under (wandb's project).
         distributed: with several processes, ``ddp`` (every rank holds the model; Accelerate's DDP
             wraps the objective) or ``fsdp2`` (parameters, EMA tracks and teacher sharded over ranks
             with ``fully_shard``); see :mod:`fewstep.train.distributed` and docs/distributed.md.
@@ -148,6 +151,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_blocks: int | None = None
     distributed: Literal["ddp", "fsdp2"] = "ddp"
+    trackers: tuple[str, ...] = ()
+    tracker_project: str = "fewstep"
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -155,6 +160,15 @@ class TrainConfig:
         if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
             raise ConfigError(f"train.checkpoint_blocks must be ≥ 0 (or none: all), got {self.checkpoint_blocks}")
         self._check_schedules()
+        if self.trackers:
+            from fewstep.train.trackers import known_trackers
+
+            unknown = [name for name in self.trackers if name not in known_trackers()]
+            if unknown:
+                hint = closest(unknown[0], known_trackers())
+                raise ConfigError(f"unknown tracker {unknown[0]!r} in train.trackers"
+                                  + (f"; did you mean {hint[0]!r}?" if hint else "")
+                                  + f" (valid: {', '.join(known_trackers())})")
 
     def _check_schedules(self) -> None:
         if self.lr_warmup_kimg < 0:

@@ -18,7 +18,7 @@ RESUMABLE_CHANGES = {"train.total_kimg", "train.status_kimg", "train.checkpoint_
                      "train.keep_checkpoints", "train.max_bad_steps", "train.max_minutes", "train.compile",
                      "train.compile_tuning", "train.activation_checkpointing", "train.checkpoint_blocks",
                      "train.distributed", "data.num_workers", "data.root", "sample.nfe", "sample.num_images",
-                     "sample.weights", "sample.guidance"}
+                     "sample.weights", "sample.guidance", "train.trackers", "train.tracker_project"}
 
 
 @dataclass

@@ -31,12 +31,14 @@ from fewstep.config import RunConfig, to_dict
 from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
+from fewstep.images import make_grid
 from fewstep.plots import step_label, write_grid
 from fewstep.sample import output_decoder, sample
 from fewstep.schedules import TrainingSchedule
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
 from fewstep.train.distributed import Parallel
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
+from fewstep.train.trackers import Trackers, check_trackers
 from fewstep.train.status import StatusLog, describe, peak_flops, where_it_runs
 
 __all__ = ["NonFiniteLossError", "RESUMABLE_CHANGES", "TrainResult", "check_config", "plan_batches", "train"]
@@ -93,6 +95,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
 
+    check_trackers(t.trackers)         # unknown or uninstalled trackers fail before any compute
     dataset = load_dataset(cfg.data)   # checked: not empty, labels in range, items shaped as the spec
     spec: DataSpec = dataset.spec
     to_pixels = output_decoder(cfg.data, spec, device=device)   # to_uint8 for pixels; VAE decode (lazy) for latents
@@ -139,6 +142,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                          num_workers=cfg.data.num_workers, device=device, start_position=position)
     batches = iter(stream)
     total_nimg = int(round(t.total_kimg * 1000))
+    trackers = Trackers(t.trackers, run_dir, to_dict(cfg), t.tracker_project, enabled=main)
     status = StatusLog(run_dir, t.total_kimg, nimg / 1000, enabled=main, show_progress=show_progress)
     start = where_it_runs(accelerator, cfg)
     status.event({"event": "start", "step": step, "kimg": nimg / 1000, **start}, f"running on {describe(start)}")
@@ -203,6 +207,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         try:
             write_grid(run_dir / "samples" / f"{tag}.png", blocks, [step_label(n) for n in cfg.sample.nfe],
                        title=f"{tag}: seeds 0–{len(seeds) - 1}, {cfg.sample.weights} weights")
+            trackers.log_image(f"samples/{tag}", make_grid(blocks), step)
         except OSError as exc:
             status.event({"event": "grid_failed", "error": str(exc)}, f"warning: sample grid {tag} not written: {exc}")
 
@@ -302,6 +307,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 last_loss = record.get("loss", last_loss)
                 status.report(record)
+                trackers.log(record, step)
                 sums, ticks, tick_start, tick_nimg = {}, 0, time.time(), nimg
                 next_at["status"] = _next(nimg, interval["status"])
             if nimg >= next_at["sample"] and not done and spec.kind != "points":
@@ -340,6 +346,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             grid("final")
     finally:
         status.close()
+        trackers.finish()
     parallel.finish()   # keeps the process group for another train() in this process; destroyed at exit
     return TrainResult(run_dir=run_dir, step=step, kimg=nimg / 1000, loss=last_loss, checkpoint=last_ckpt,
                        stopped=stopped, skipped_steps=guard.skipped, budget_reached=over)
