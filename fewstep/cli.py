@@ -429,7 +429,10 @@ def compare(
     for line in report(result, str(run_a), str(run_b)):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if plot is not None:
-        console.print(f"wrote {draw(result, plot, 'A', 'B')}", highlight=False)
+        try:
+            console.print(f"wrote {draw(result, plot, 'A', 'B')}", highlight=False)
+        except ImportError as exc:   # no matplotlib: the message names the extra
+            _fail(exc)
     if tolerance is not None and result.relative_diff > tolerance:
         err.print(f"{key} differs by {100 * result.relative_diff:.2f}% of its mean, more than "
                   f"{100 * tolerance:g}%", highlight=False)

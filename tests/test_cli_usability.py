@@ -72,3 +72,30 @@ def test_error_messages_keep_bracketed_text(tmp_path, monkeypatch):
               "--no-progress")
     assert res.exit_code == 2
     assert "pip install 'fewstep[hf]'" in flat(res.output)
+
+
+def test_logging_levels_and_rank_zero_only(capsys, monkeypatch):
+    import logging
+
+    from fewstep.logs import setup_logging
+
+    log = logging.getLogger("fewstep.sweep.run")
+    try:
+        setup_logging(logging.INFO)
+        log.info("an [info] line")
+        log.warning("a warning")
+        err = capsys.readouterr().err
+        assert "an [info] line" in err and "warning: a warning" in err     # markup off: brackets stay
+        setup_logging(logging.WARNING)                                     # --quiet
+        log.info("hidden")
+        log.warning("shown")
+        err = capsys.readouterr().err
+        assert "hidden" not in err and "shown" in err
+        monkeypatch.setenv("RANK", "1")                                    # another rank prints nothing
+        log.warning("rank one")
+        assert "rank one" not in capsys.readouterr().err
+    finally:
+        logger = logging.getLogger("fewstep")
+        for h in [h for h in logger.handlers if getattr(h, "_fewstep", False)]:
+            logger.removeHandler(h)
+        logger.setLevel(logging.NOTSET)

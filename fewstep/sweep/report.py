@@ -150,22 +150,31 @@ def _cell(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def metric_chart(path: Path, metric: str, num: int, nfes: list[int] | tuple[int, ...],
+                 scores: dict[str, dict[str, float]]) -> Path:
+    """``metric_vs_nfe.png``: one line per member (member → NFE as a string → value), log NFE axis."""
+    from fewstep.plots import Series, line_chart
+
+    label = metric_label(metric)
+    what = label if metric in label else f"{label} ({metric})"
+    series = [Series(name, list(nfes), [s.get(str(n), math.nan) for n in nfes]) for name, s in scores.items()]
+    return line_chart(path, series, title=f"{what} vs NFE, {num} samples per NFE",
+                      xlabel="NFE (network evaluations per sample)", ylabel=f"{label} (lower is better)",
+                      log_x=True, x_ticks=list(nfes))
+
+
 def write_report(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = None) -> list[Path]:
     """Write every report file from the member directories; returns their paths. Without matplotlib the
     two charts are left out with a warning naming the extra (the tables are still written)."""
-    from fewstep.plots import Panel, PlotsUnavailable, Series, line_chart, panel_chart
+    from fewstep.plots import Panel, PlotsUnavailable, Series, panel_chart
 
     rows = collect(sweep_dir, spec, failed)
     files = [sweep_dir / "results.csv", sweep_dir / "results.md"]
     write_csv(files[0], spec, rows)
     _atomic_text(files[1], markdown(spec, rows))
-    label = metric_label(spec.metric)
-    series = [Series(r.member, list(spec.nfe), [r.scores.get(str(n), math.nan) for n in spec.nfe]) for r in rows]
-    what = label if spec.metric in label else f"{label} ({spec.metric})"
     try:
-        files.append(line_chart(sweep_dir / "metric_vs_nfe.png", series, title=f"{what} vs NFE, {spec.num} samples",
-                                xlabel="NFE (network evaluations per sample)", ylabel=f"{label} (lower is better)",
-                                log_x=True, x_ticks=list(spec.nfe)))
+        files.append(metric_chart(sweep_dir / "metric_vs_nfe.png", spec.metric, spec.num, spec.nfe,
+                                  {r.member: r.scores for r in rows}))
         panels = [Panel(f"{r.member}: {r.loss_key}", r.loss_key,
                         [Series(r.member, [k for k, _ in r.losses], [v for _, v in r.losses])]) for r in rows]
         files.append(panel_chart(sweep_dir / "loss_curves.png", panels, xlabel="kimg (thousands of images seen)",
