@@ -169,14 +169,15 @@ def write_grid(objective: Any, spec: SweepSpec, path: Path, weights: str, guidan
                autocast: bool) -> None:
     """One block of ``spec.grid`` images (seeds 0 … grid − 1) per NFE, top to bottom."""
     from fewstep.images import to_uint8
-    from fewstep.plots import step_label, write_grid
+    from fewstep.plots import step_label, write_grid as write_labelled_grid
     from fewstep.sample import sample
 
     seeds = list(range(spec.grid))
     blocks = [to_uint8(sample(objective, seeds, nfe, weights=weights, guidance=guidance, batch_size=256,
                               autocast=autocast).images) for nfe in spec.nfe]
-    write_grid(path, blocks, [step_label(n) for n in spec.nfe], title=f"{path.stem[len('samples-'):]}: "
-               f"seeds 0–{spec.grid - 1}, {weights} weights")
+    member = path.stem[len("samples-"):]
+    write_labelled_grid(path, blocks, [step_label(n) for n in spec.nfe],
+                        title=f"{member}: seeds 0–{spec.grid - 1}, {weights} weights")
 
 
 def load_saved_spec(sweep_dir: Path) -> SweepSpec:
