@@ -38,8 +38,8 @@ from fewstep.schedules import TrainingSchedule
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
 from fewstep.train.distributed import Parallel
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
-from fewstep.train.trackers import Trackers, check_trackers
 from fewstep.train.status import StatusLog, describe, peak_flops, where_it_runs
+from fewstep.train.trackers import Trackers, check_trackers
 
 __all__ = ["NonFiniteLossError", "RESUMABLE_CHANGES", "TrainResult", "check_config", "plan_batches", "train"]
 

@@ -8,8 +8,9 @@ names, extras and environment variables are Accelerate's: TensorBoard writes to 
 wandb to the project ``train.tracker_project`` with the run directory's name (``WANDB_MODE=offline``
 works without a network; a resumed run continues the same wandb run).
 
-A tracker that fails while training (a full disk, a lost connection) is reported once and switched
-off; training goes on. ``pip install 'fewstep[trackers]'`` installs TensorBoard and wandb.
+A tracker that cannot start, or fails while training (a full disk, a lost connection), is reported
+once and switched off; training goes on (with several processes, rank 0 alone runs the trackers, so a
+failure there must not stop it while the others wait). ``pip install 'fewstep[trackers]'`` installs TensorBoard and wandb.
 """
 from __future__ import annotations
 
@@ -92,8 +93,13 @@ class Trackers:
                 tracker = cls(run_dir.name, str(run_dir))
             else:
                 tracker = cls(project)
-            tracker.start()
-            tracker.store_init_configuration({k: _hparam(v) for k, v in flatten_config(config).items()})
+            try:   # on rank 0 only: a failure here must not leave the other ranks waiting at a barrier
+                tracker.start()
+                tracker.store_init_configuration({k: _hparam(v) for k, v in flatten_config(config).items()})
+            except Exception as exc:
+                log.warning(f"tracker {name} could not start ({type(exc).__name__}: {exc}); training goes on "
+                            "without it")
+                continue
             self.trackers.append(tracker)
 
     def _each(self, what: str, call) -> None:
