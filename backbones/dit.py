@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from fewstep.backbones.dit_tangents import block_jvp, dit_jvp, final_layer_jvp
 from fewstep.backbones.inputs import check_conditioning, condition_vector
-from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder,
-                                      make_norm, modulate, sincos_pos_embed_2d, spectral_init_,
+from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder, make_norm,
+                                      merge_heads, modulate, sincos_pos_embed_2d, spectral_init_, split_heads,
                                       xavier_uniform_flat_)
 from fewstep.config import BackboneConfig
 from fewstep.contracts import DataSpec
@@ -112,10 +113,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, N, D) → (B, N, D)."""
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)                     # (B, H, N, d) each
         out = attention(self.q_norm(q), self.k_norm(k), v)                     # (B, H, N, d)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return self.proj(merge_heads(out))
 
 
 class Mlp(nn.Module):
@@ -286,13 +286,12 @@ class DiT(nn.Module):
         """(B, D, g, g) patch embeddings → (B, N, D) tokens, contiguous. (The transposed view would
         make every residual-stream tensor (B, N, D)-shaped but (B, D, N)-strided; compiled blocks
         then got wrong input gradients on torch 2.13's Inductor, and strided kernels are slower.)"""
-        return patches.flatten(2).transpose(1, 2).contiguous()
+        return rearrange(patches, "b d gh gw -> b (gh gw) d").contiguous()
 
     def unpatchify(self, h: Tensor) -> Tensor:
         """(B, N, p²·C) tokens → (B, C, H, W) image."""
-        B, g, p, C = h.shape[0], self.grid, self.config.patch_size, self.in_channels
-        h = h.reshape(B, g, g, p, p, C)
-        return torch.einsum("bhwpqc->bchpwq", h).reshape(B, C, g * p, g * p)
+        g, p = self.grid, self.config.patch_size
+        return rearrange(h, "b (gh gw) (p q c) -> b c (gh p) (gw q)", gh=g, gw=g, p=p, q=p)
 
     def _check_tangents(self, x: Tensor, t: Tensor, s: Tensor | None, tangents: tuple) -> None:
         if not isinstance(tangents, (tuple, list)) or len(tangents) != 3:

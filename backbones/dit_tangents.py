@@ -12,25 +12,19 @@ from torch import Tensor, nn
 
 from fewstep.backbones.tangents import (Dual, gated_residual_jvp, gelu_tanh_jvp, linear_jvp, modulate_jvp,
                                         modulation_jvp, norm_jvp, recomputed)
+from fewstep.backbones.layers import merge_heads, split_heads
 from fewstep.kernels.attention import attention_jvp
 
 
 def attention_module_jvp(attn: nn.Module, x: Tensor, tx: Tensor | None) -> Dual:
     """qkv → QK-norm → attention → proj, with tangents: x, tx (B, N, D)."""
-    B, N, D = x.shape
-    heads = attn.num_heads
-
-    def split(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return qkv.reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)       # 3 × (B, H, N, d)
-
     qkv, tqkv = linear_jvp(attn.qkv, x, tx)
-    q, k, v = split(qkv)
-    tq, tk, tv = split(tqkv) if tqkv is not None else (None, None, None)
+    q, k, v = split_heads(qkv, attn.num_heads)                                        # 3 × (B, H, N, d)
+    tq, tk, tv = split_heads(tqkv, attn.num_heads) if tqkv is not None else (None, None, None)
     q, tq = recomputed(norm_jvp, attn.q_norm, q, tq)
     k, tk = recomputed(norm_jvp, attn.k_norm, k, tk)
     o, to = attention_jvp(q, k, v, tq, tk, tv)                                       # (B, H, N, d)
-    merge = lambda h: None if h is None else h.transpose(1, 2).reshape(B, N, D)     # noqa: E731
-    return linear_jvp(attn.proj, merge(o), merge(to))
+    return linear_jvp(attn.proj, merge_heads(o), merge_heads(to) if to is not None else None)
 
 
 def mlp_jvp(mlp: nn.Module, x: Tensor, tx: Tensor | None) -> Dual:

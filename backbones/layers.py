@@ -9,6 +9,7 @@ import math
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 EPS = 1e-6
@@ -144,3 +145,16 @@ def spectral_init_(weight: Tensor) -> None:
         return
     sigma = torch.linalg.matrix_norm(flat.to(torch.promote_types(flat.dtype, torch.float32)), ord=2)
     flat.div_(sigma.to(flat.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention heads (einops: the axes say what moves where)
+# ---------------------------------------------------------------------------------------------------
+def split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, N, 3·H·d) fused projections → q, k, v, each (B, H, N, d)."""
+    return rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads).unbind(0)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, N, d) per-head outputs → (B, N, H·d)."""
+    return rearrange(x, "b h n d -> b n (h d)")

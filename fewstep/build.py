@@ -43,7 +43,9 @@ def build_objective(cfg: RunConfig, spec: DataSpec) -> Objective:
         raise TypeError(f"objective {cfg.objective.name!r} needs a {cls.Config.__name__}, "
                         f"got {type(cfg.objective).__name__}")
     backbone = cfg.backbone.build(spec)
-    return cls(backbone, cfg.objective, num_classes=spec.num_classes, ema_betas=cfg.train.ema_betas)
+    from fewstep.schedules import ema_tracks
+
+    return cls(backbone, cfg.objective, num_classes=spec.num_classes, ema_betas=ema_tracks(cfg.train))
 
 
 def spec_from_dict(data: dict) -> DataSpec:
@@ -67,16 +69,24 @@ def find_checkpoint(run: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
-def load_objective(run: str | os.PathLike, device: torch.device | str = "cpu"
+def load_objective(run: str | os.PathLike, device: torch.device | str = "cpu", weights: str | None = None
                    ) -> tuple[Objective, RunConfig, Checkpoint]:
-    """Rebuild an objective from a run or checkpoint directory.
+    """Rebuild an objective from a run directory, a checkpoint directory or an exported model.
 
     Args:
-        run: run directory (newest valid checkpoint is used) or one checkpoint directory.
+        run: run directory (newest valid checkpoint is used), one checkpoint directory, or a model
+            written by ``fewstep export`` (:mod:`fewstep.export`).
         device: where to put the weights.
+        weights: the weights the caller will sample with; only checked for exported models, which hold
+            one set (``None``: theirs).
     Returns:
-        (objective, its run config, the checkpoint read).
+        (objective, its run config, the checkpoint read; for an exported model its ``config.json`` as
+        the manifest).
     """
+    from fewstep.export import is_exported, load_exported
+
+    if is_exported(run):
+        return load_exported(run, device=device, weights=weights)
     ckpt = find_checkpoint(run)
     cfg = run_config_from_dict(ckpt.field("config"))
     spec = spec_from_dict(ckpt.field("data_spec"))
@@ -106,12 +116,16 @@ def load_state(objective: Objective, ckpt: Checkpoint, what: str = "the configur
     objective.load_state_dict(state)
 
 
+# Config fields whose value is a dict (EMA tracks by name): compared as one value.
+DICT_FIELDS = frozenset({"ema_betas", "ema_halflife_kimg", "ema_power_std"})
+
+
 def flatten_config(d: dict, prefix: str = "") -> dict:
-    """``{"train": {"lr": 1}}`` → ``{"train.lr": 1}`` (``ema_betas`` stays one value)."""
+    """``{"train": {"lr": 1}}`` → ``{"train.lr": 1}`` (the EMA track dicts stay one value each)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "ema_betas":
+        if isinstance(v, dict) and k not in DICT_FIELDS:
             out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
@@ -125,11 +139,20 @@ def config_changes(old: dict, new: dict, allowed: set[str] | frozenset[str] = fr
     return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys]
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved config dict with the fields it predates filled in with their defaults (a run from before
+    ``train.lr_schedule`` existed ran with the constant schedule), so older runs still compare equal."""
+    try:
+        return to_dict(run_config_from_dict(saved))
+    except (ConfigError, LookupError, TypeError):   # not a config this version can read: compare as it is
+        return saved
+
+
 def check_compatible(saved: dict, saved_spec: dict | None, cfg: RunConfig, spec: DataSpec, where: str,
                      allowed: set[str] | frozenset[str] = frozenset()) -> None:
     """Refuse to continue ``saved`` (a config dict from ``config.json`` or a checkpoint manifest) with
     ``cfg``/``spec`` when anything but the ``allowed`` keys differs; the error lists the differences."""
-    changes = config_changes(saved, to_dict(cfg), allowed)
+    changes = config_changes(with_defaults(saved), to_dict(cfg), allowed)
     if saved_spec is not None:
         own = dataclasses.asdict(spec)
         changes += [f"data_spec.{k}: {saved_spec.get(k)!r} → {own.get(k)!r}"

@@ -1,7 +1,8 @@
-"""The ``fewstep`` command line: train, sample, list."""
+"""The ``fewstep`` command line: train, sample, export, evaluate, compare, list."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -9,19 +10,23 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+
 from rich.table import Table
 
+from fewstep import __version__
+from fewstep.clihelp import FewstepGroup, reflow_help
 from fewstep.checkpoints import CheckpointError
 from fewstep.config import ConfigError, RunConfig, apply_overrides, default_backbone_config, to_dict
 from fewstep.registry import REGISTRIES, RegistryError, recipes
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=FewstepGroup,
                   help="Train, sample and evaluate one- and few-step generative models.")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (GPU): each prints times, TFLOP/s or images/s "
-                        "and peak memory, as ratios against a baseline run in the same process.")
+bench_app = typer.Typer(no_args_is_help=True, cls=FewstepGroup, help="Benchmarks (GPU): each prints times, "
+                        "TFLOP/s or images/s and peak memory, as ratios against a baseline run in the same process.")
 app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
+log = logging.getLogger("fewstep.cli")
 
 from fewstep.data.base import DataError
 
@@ -30,7 +35,6 @@ from fewstep.sample import parse_device, parse_nfes, parse_seeds
 
 USER_ERRORS = (RegistryError, ConfigError, CheckpointError, DataError, OSError, ValueError, KeyError,
                NonFiniteLossError)
-
 
 def _message(exc: BaseException) -> str:
     """The one line a user sees for an error: a file error as ``Permission denied (path)``, not
@@ -41,13 +45,11 @@ def _message(exc: BaseException) -> str:
         return describe_os_error(exc)
     return exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
 
-
 def _fail(exc: BaseException) -> None:
     """Print ``error: <message>`` (as plain text: brackets in messages are not rich markup) and exit 2."""
     err.print("error: ", style="bold red", end="", highlight=False)
     err.print(_message(exc), markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
 
 def _resume_command(options: dict[str, object], overrides: list[str], run_dir: Path) -> str:
     """The ``fewstep train`` command that resumes this run: the options given (not ``--restart``), with
@@ -62,14 +64,30 @@ def _resume_command(options: dict[str, object], overrides: list[str], run_dir: P
         args += ["--set", item]
     return shlex.join([*args, "--out", str(run_dir)])
 
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fewstep {__version__}", highlight=False)
+        raise typer.Exit()
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also debug messages."),
+) -> None:
+    """Train, sample and evaluate one- and few-step generative models."""
+    from fewstep.logs import setup_logging
+
+    setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 def _write_json(path: Optional[Path], body: dict, default=None) -> None:
     """Write ``body`` as indented JSON to ``path`` (parents created); nothing when ``path`` is None.
     ``default``: as for ``json.dumps`` (how to write values JSON has no type for)."""
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(body, indent=1, default=default))
+        from fewstep.files import write_json
 
+        write_json(path, body, default=default)
 
 def _write_bench_json(path: Optional[Path], body: dict, default=None) -> None:
     """A benchmark's measurements as JSON (see :func:`_write_json`), after the GPU's name and the torch
@@ -82,9 +100,9 @@ def _write_bench_json(path: Optional[Path], body: dict, default=None) -> None:
 
     _write_json(path, {"device": torch.cuda.get_device_name(), **versions(), **body}, default=default)
 
-
 def build_config(recipe: str, objective: Optional[str], backbone: Optional[str], data: Optional[str],
-                 kimg: Optional[float], batch: Optional[int], overrides: list[str]) -> RunConfig:
+                 kimg: Optional[float], batch: Optional[int], overrides: list[str], lr: Optional[float] = None,
+                 seed: Optional[int] = None) -> RunConfig:
     """Recipe → config with the CLI's choices and ``--set`` overrides applied (no compute)."""
     make = recipes.get(recipe)
     cfg: RunConfig = make(objective) if objective else make()
@@ -96,15 +114,17 @@ def build_config(recipe: str, objective: Optional[str], backbone: Optional[str],
         cfg.train.total_kimg = kimg
     if batch is not None:
         cfg.train.batch = batch
+    if lr is not None:
+        cfg.train.lr = lr
+    if seed is not None:
+        cfg.train.seed = seed
     return apply_overrides(cfg, overrides)
-
 
 def _new_run_dir(root: Path, cfg: RunConfig) -> Path:
     """``runs/<NNNNN>-<recipe>-<objective>-<backbone>``, numbered after the existing ones."""
     ids = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else [])
            if (m := re.match(r"(\d{5})-", p.name))]
     return root / f"{max(ids, default=-1) + 1:05d}-{cfg.recipe}-{cfg.objective.name}-{cfg.backbone.name}"
-
 
 @app.command()
 def train(
@@ -115,6 +135,8 @@ def train(
     data: Optional[str] = typer.Option(None, help="Dataset: a registered name, imagefolder:PATH or hub:NAME."),
     kimg: Optional[float] = typer.Option(None, help="Training length in thousands of images."),
     batch: Optional[int] = typer.Option(None, help="Global batch (images per optimizer step)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (train.lr); schedules: train.lr_schedule."),
+    seed: Optional[int] = typer.Option(None, help="Training seed (train.seed)."),
     out: Optional[Path] = typer.Option(None, help="Run directory; an existing run there is resumed. Default: runs/NNNNN-…"),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything that can be checked without "
@@ -128,7 +150,7 @@ def train(
 ) -> None:
     """Train a model; writes config.json, log.jsonl, checkpoints and sample grids to the run directory."""
     try:
-        cfg = build_config(recipe, objective, backbone, data, kimg, batch, set_)
+        cfg = build_config(recipe, objective, backbone, data, kimg, batch, set_, lr=lr, seed=seed)
         from fewstep.build import resolve
 
         cfg = resolve(cfg)
@@ -145,7 +167,7 @@ def train(
         if rank == 0:
             console.print(f"run directory: [bold]{run_dir}[/]")
         options = {"recipe": recipe, "objective": objective, "backbone": backbone, "data": data, "kimg": kimg,
-                   "batch": batch}
+                   "batch": batch, "lr": lr, "seed": seed}
         resume = (_resume_command(options, set_, run_dir) if world == 1
                   else f"the same launch command (with --out {run_dir})")
         result = run_training(cfg, run_dir, show_progress=progress, restart=restart, resume_command=resume)
@@ -166,7 +188,6 @@ def train(
     loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
     console.print(f"done: {result.kimg:.1f} kimg, {result.step} steps, loss {loss}; checkpoint {result.checkpoint}")
 
-
 def _dry_run(cfg: RunConfig, world: int) -> None:
     """``train --dry-run``: the checks training makes before any compute, then the resolved config. Whether
     this machine's memory holds the run is a warning here, not an error: a dry run on a laptop may well be
@@ -186,10 +207,10 @@ def _dry_run(cfg: RunConfig, world: int) -> None:
         err.print(f"warning: on this machine {exc}", markup=False, highlight=False, soft_wrap=True)
     console.print_json(json.dumps(to_dict(cfg)))
 
-
 @app.command()
 def sample(
-    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
+    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint), one checkpoint directory or an "
+                             "exported model (fewstep export)."),
     nfe: str = typer.Option("1", help="Jumps per image; a comma list (1,2,4) stacks one grid block per value."),
     seeds: str = typer.Option("0-63", help="Sample seeds, e.g. 0-63 or 1,5,9; image i depends only on its seed."),
     out: Path = typer.Option(Path("grid.png"), help="Output PNG grid."),
@@ -198,44 +219,70 @@ def sample(
     class_label: Optional[int] = typer.Option(None, "--class", help="Draw every image from this class."),
     batch: int = typer.Option(64, help="Images per forward (does not change the images)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
-    save_tensor: Optional[Path] = typer.Option(None, help="Also save the raw samples (safetensors)."),
+    save_tensor: Optional[Path] = typer.Option(None, help="Also save the samples (safetensors): nfe<N> in data "
+                                               "units, and pixels<N> as uint8 images for image data."),
 ) -> None:
-    """Sample a trained run into a PNG grid."""
-
-    from fewstep.build import load_objective
-    from fewstep.images import make_grid, write_png
-    from fewstep.sample import sample as run_sampler
+    """Sample a trained run into a PNG grid, one labelled block per NFE (the same images as fewstep.load(RUN).sample)."""
+    from fewstep.model import load
+    from fewstep.plots import scatter_png, step_label, write_grid
 
     try:
-        dev = parse_device(device)
         nfes = parse_nfes(nfe)
         seed_list = parse_seeds(seeds)
         if batch < 1:
             raise ValueError(f"--batch must be ≥ 1 images per forward, got {batch}")
-        objective, cfg, ckpt = load_objective(run, device=dev)
-        weights = weights or cfg.sample.weights
-        results = [run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
-                               guidance=guidance, batch_size=batch, device=dev, autocast=dev.type == "cuda")
-                   for n in nfes]
-        if ckpt.field("data_spec").get("kind") == "points":   # toy data: one scatter panel per NFE
-            from fewstep.plots import scatter_png
-
-            scatter_png(out, [r.images.flatten(1)[:, :2] for r in results])
+        model = load(run, weights=weights, device=parse_device(device))
+        results = [model.generate(seed_list, n, labels=class_label, guidance=guidance, batch=batch) for n in nfes]
+        labels = [step_label(r.nfe) for r in results]
+        if model.spec.kind == "points":   # toy data: one scatter panel per NFE
+            scatter_png(out, [r.images.flatten(1)[:, :2] for r in results], labels,
+                        title=f"{len(seed_list)} samples per panel ({model.weights} weights)")
         else:
-            from fewstep.sample import output_decoder
-
-            decode = output_decoder(cfg.data, ckpt.field("data_spec"), device=dev)   # VAE decode for latents
-            write_png(out, make_grid([decode(r.images) for r in results]))
+            write_grid(out, [r.pixels for r in results], labels,
+                       title=f"seeds {seeds}, {model.weights} weights" + (f", class {class_label}"
+                                                                         if class_label is not None else ""))
         if save_tensor:
             from fewstep.files import save_tensors
 
-            save_tensors({f"nfe{r.nfe}": r.images for r in results}, save_tensor, fsync=False)
-    except USER_ERRORS as exc:
+            tensors = {f"nfe{r.nfe}": r.images for r in results}
+            tensors.update({f"pixels{r.nfe}": r.pixels for r in results if r.pixels is not None})
+            save_tensors(tensors, save_tensor, fsync=False)
+    except (*USER_ERRORS, ImportError) as exc:
         _fail(exc)
     summary = ", ".join(f"{r.nfe} NFE ({r.evaluations} evaluations)" for r in results)
-    console.print(f"wrote {out}: {len(seed_list)} images × [{summary}] from {ckpt.path} ({weights} weights)",
-                  markup=False, highlight=False)
+    console.print(f"wrote {out}: {len(seed_list)} images × [{summary}] from {model.checkpoint.path} "
+                  f"({model.weights} weights)", highlight=False, markup=False, soft_wrap=True)
 
+@app.command()
+def export(
+    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
+    out: Path = typer.Option(..., help="Directory to write the model into (model.safetensors, config.json, "
+                             "README.md, samples.png)."),
+    weights: Optional[str] = typer.Option("ema", help="'online' or an EMA track name."),
+    grid: int = typer.Option(16, help="Images per NFE in samples.png (0: none)."),
+    device: str = typer.Option("auto", help="Where the sample grid is drawn: cpu, cuda, or auto."),
+    push_to_hub: Optional[str] = typer.Option(None, help="Also upload to this Hugging Face model repo "
+                                              "(user/name; needs the network and a login)."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo as private."),
+) -> None:
+    """Export an inference-only model: the weights sampling needs, the config and a model card. fewstep.load,
+    fewstep sample --run and fewstep eval --run accept the directory."""
+    from fewstep.export import check_hub, export_model, push_to_hub as push
+
+    try:
+        if push_to_hub:
+            check_hub(push_to_hub)   # offline: fail before any work
+        export_model(run, out, weights=weights, grid=grid, device=None if device == "auto" else device)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    console.print(f"wrote {out} (model.safetensors, config.json, README.md)", highlight=False, markup=False)
+    if push_to_hub:
+        try:
+            url = push(out, push_to_hub, private=private)
+        except Exception as exc:   # network, authentication, permissions: one line, the export stays
+            _fail(ValueError(f"upload to {push_to_hub} failed ({type(exc).__name__}: {exc}); the export in {out} is "
+                             f"complete: retry, or upload it with `hf upload {push_to_hub} {out}`"))
+        console.print(f"uploaded to {url}", highlight=False, markup=False)
 
 @bench_app.command("attention")
 def bench_attention(
@@ -268,7 +315,6 @@ def bench_attention(
     for name, info in resources.items():
         console.print(f"{name}: {info['regs']} registers, {info['spills']} spills, {info['config']}", highlight=False)
     _write_bench_json(out, {"dtype": dtype, "kernels": resources, "rows": [vars(r) for r in rows]}, default=str)
-
 
 @bench_app.command("step")
 def bench_step(
@@ -331,8 +377,7 @@ def bench_step(
     results = []
     for cfg in configs:
         results.append(bench_objective(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
-                                       functorch=jvp == "functorch", checkpointing=checkpointing, top=profile,
-                                       log=lambda m: console.print(m, highlight=False)))
+                                       functorch=jvp == "functorch", checkpointing=checkpointing, top=profile))
         console.print(summary(results[-1:], None)[0], highlight=False)
         for line in kernel_table(results[-1]) if profile else []:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -342,7 +387,6 @@ def bench_step(
     _write_bench_json(out, {"batch": batch, "compile": compile, "jvp": jvp,
                             "backbone": dataclasses.asdict(configs[0].backbone),
                             "results": [dataclasses.asdict(r) for r in results]})
-
 
 def _bench_scaling(cfg: RunConfig, spec, batch: int, steps: int, warmup: int, compile: bool, checkpointing: bool,
                    out: Optional[Path]) -> None:
@@ -354,13 +398,12 @@ def _bench_scaling(cfg: RunConfig, spec, batch: int, steps: int, warmup: int, co
     main = int(os.environ.get("RANK", "0")) == 0
     say = (lambda m: console.print(m, highlight=False)) if main else (lambda m: None)
     r = bench_scaling(cfg, spec, batch=batch, steps=steps, warmup=warmup, compile=compile,
-                      checkpointing=checkpointing, log=say)
+                      checkpointing=checkpointing)
     say(scaling_line(r))
     if main:
         _write_bench_json(out, {"world": r.world, "batch_per_gpu": batch, "compile": compile,
                                 "results": [{**dataclasses.asdict(r), "efficiency": r.efficiency,
                                              "images_per_s": r.images_per_s}]})
-
 
 @bench_app.command("sample")
 def bench_sample(
@@ -404,7 +447,6 @@ def bench_sample(
         console.print(line, highlight=False)
     _write_bench_json(out, {"batch": batch, "objective": objective, "rows": [dataclasses.asdict(r) for r in rows]})
 
-
 @app.command("compare")
 def compare(
     run_a: Path = typer.Argument(..., help="Reference run directory (e.g. the 1-GPU run)."),
@@ -426,12 +468,14 @@ def compare(
     for line in report(result, str(run_a), str(run_b)):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
     if plot is not None:
-        console.print(f"wrote {draw(result, plot, 'A', 'B')}", highlight=False)
+        try:
+            console.print(f"wrote {draw(result, plot, 'A', 'B')}", highlight=False)
+        except ImportError as exc:   # no matplotlib: the message names the extra
+            _fail(exc)
     if tolerance is not None and result.relative_diff > tolerance:
         err.print(f"{key} differs by {100 * result.relative_diff:.2f}% of its mean, more than "
                   f"{100 * tolerance:g}%", highlight=False)
         raise typer.Exit(1)
-
 
 @app.command("list")
 def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones, datasets, recipes, metrics or extractors (default: all).")) -> None:
@@ -460,6 +504,9 @@ def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones
             continue
         for entry in entries:
             table.add_row(entry.name, escape(entry.source), escape(entry.summary))
+        if name == "metrics":   # what `fewstep sweep --metric` accepts
+            for row in _sweep_metrics():
+                table.add_row(*map(escape, row))
         for planned, why in reg.planned().items():
             table.add_row(planned, "[dim]planned[/]", f"[dim]{escape(why)}[/]")
         for broken, why in reg.unavailable().items():
@@ -468,14 +515,26 @@ def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones
     if failed:
         raise typer.Exit(2)
 
+def _sweep_metrics() -> list[tuple[str, str, str]]:
+    """(name, source, summary) of every value `fewstep sweep --metric` accepts."""
+    from fewstep.registry import extractors
+    from fewstep.sweep.spec import POINTS_METRIC
+
+    import fewstep.metrics  # noqa: F401  (registers the in-tree extractors)
+
+    rows = [("auto", "fewstep", "fmnist-classifier on Fashion-MNIST, inception on other images, "
+             f"{POINTS_METRIC} on points")]
+    rows += [(e.name, e.source, f"Fréchet distance in its features ({e.summary})") for e in extractors.entries()]
+    rows.append((POINTS_METRIC, "fewstep", "sliced Wasserstein-2 to held-out points (point data, e.g. toy2d)"))
+    return rows
 
 def _extractor_options(extractor: str, inception: Optional[Path]) -> dict:
     return {"path": inception} if extractor == "inception" else {}
 
-
 @app.command("eval")
 def eval_(
-    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
+    run: Path = typer.Option(..., help="Run directory (newest valid checkpoint), one checkpoint directory or an "
+                             "exported model."),
     nfe: str = typer.Option("1", help="Jumps per image; a comma list (1,2,4) gives one FID per value."),
     num: int = typer.Option(50000, help="Images per NFE (50000 for the papers' numbers); seeds SEED … SEED+NUM−1."),
     ref: Path = typer.Option(..., help="Reference statistics (.npz) from `fewstep fid-ref`."),
@@ -507,7 +566,6 @@ def eval_(
         scores = ", ".join(f"{k} NFE {v:.3f}" for k, v in body["fid"].items())
         console.print(f"{body['metric']} ({body['num']} images, step {body['checkpoint']['step']}): {scores}")
 
-
 @app.command("fid-ref")
 def fid_ref(
     data: str = typer.Option(..., help="Dataset: a registered name, imagefolder:PATH or hub:NAME."),
@@ -535,7 +593,6 @@ def fid_ref(
     console.print(f"wrote {out}: {meta['count']} images of {data} ({meta['channels']}×{meta['resolution']}²), "
                   f"extractor {meta['extractor']}")
 
-
 @bench_app.command("fid")
 def bench_fid(
     num: int = typer.Option(10000, help="Images timed on each path."),
@@ -558,11 +615,10 @@ def bench_fid(
     try:
         result = run_bench(num=num, batch=batch, nfe=nfe, inception=inception, extractor=extractor,
                            backbone=backbone, resolution=resolution, run=str(run) if run else None,
-                           ref_num=ref_num, device=device, cleanfid=cleanfid, log=console.print)
+                           ref_num=ref_num, device=device, cleanfid=cleanfid)
     except USER_ERRORS as exc:
         _fail(exc)
     _write_json(out, result)
-
 
 @app.command()
 def prepare(
@@ -587,12 +643,11 @@ def prepare(
     try:
         prepare_latents(data, out, resolution=resolution, vae=vae, split=split, batch_size=batch,
                         shard_size=shard_size, workers=workers, dtype=dtype, seed=seed, limit=limit,
-                        progress=progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                        progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"train on it with --data latents:{out}", highlight=False, soft_wrap=True)
-
 
 @bench_app.command("data")
 def bench_data(
@@ -620,12 +675,10 @@ def bench_data(
         dataset = load_dataset(DataConfig(name=data, root=root, split=split, resolution=resolution))
         result = run_bench(dataset, batch=batch, steps=steps, warmup=warmup,
                            workers=[int(v) for v in workers.split(",")], prefetch=[int(v) for v in prefetch.split(",")],
-                           pin_memory=pin_memory, device=device, step_ms=step_ms,
-                           log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                           pin_memory=pin_memory, device=device, step_ms=step_ms)
     except USER_ERRORS as exc:
         _fail(exc)
     _write_json(out, result)
-
 
 @app.command()
 def sweep(
@@ -639,7 +692,7 @@ def sweep(
     minutes: Optional[float] = typer.Option(None, help="Wall-clock training budget per member (train.max_minutes, "
                                             "summed over resumes); with --kimg, whichever comes first."),
     nfe: Optional[str] = typer.Option(None, help="Comma list of NFEs to evaluate (default 1,2,4)."),
-    metric: Optional[str] = typer.Option(None, help="An extractor for a Fréchet distance (`fewstep list extractors`), "
+    metric: Optional[str] = typer.Option(None, help="An extractor for a Fréchet distance (`fewstep list metrics`), "
                                          "sliced-wasserstein for point data, or auto (default: fmnist-classifier on "
                                          "Fashion-MNIST, inception on other images, sliced-wasserstein on points)."),
     num: Optional[int] = typer.Option(None, help="Samples per NFE for the metric, seeds 0 … NUM−1 (default 10000)."),
@@ -681,8 +734,7 @@ def sweep(
                 console.print(f"{name}: " + ("; ".join(diff) if diff and name != first else "(reference)"),
                               highlight=False, soft_wrap=True)
             return
-        result = run_sweep(spec, out, parallel=parallel, gpus=gpus.split(",") if gpus else None, eval_batch=eval_batch,
-                           log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        result = run_sweep(spec, out, parallel=parallel, gpus=gpus.split(",") if gpus else None, eval_batch=eval_batch)
     except (SweepError, *USER_ERRORS) as exc:
         _fail(exc)
     console.print((out / "results.md").read_text(), highlight=False, soft_wrap=True)
@@ -693,7 +745,6 @@ def sweep(
         raise typer.Exit(128 + int(getattr(signal, result.stopped, signal.SIGTERM)))
     if result.failed:
         raise typer.Exit(1)
-
 
 def _app() -> None:
     """The typer app, with a last net under every command: a file error that no command expected (a full
@@ -707,7 +758,6 @@ def _app() -> None:
         app()
     except OSError as exc:
         _fail(exc)
-
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -728,6 +778,7 @@ def main() -> None:
 
     exit_process(code)
 
+reflow_help(app)
 
 if __name__ == "__main__":
     main()

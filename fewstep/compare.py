@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fewstep.build import config_changes
+from fewstep.build import config_changes, with_defaults
 from fewstep.train.status import describe, start_records, status_records
 
 # Settings that change how a run executes, not what it computes (up to floating-point order).
 EXECUTION_KEYS = frozenset({"train.distributed", "train.batch_per_gpu", "train.compile", "train.compile_tuning",
                             "train.activation_checkpointing", "train.checkpoint_blocks", "train.max_minutes",
                             "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
-                            "train.keep_checkpoints"})
+                            "train.keep_checkpoints", "train.trackers", "train.tracker_project"})
 
 
 class CompareError(ValueError):
@@ -97,7 +97,7 @@ def _config(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise CompareError(f"{run_dir}: no config.json (is it a fewstep run directory?)")
     saved = json.loads(path.read_text())
-    return {**saved.get("config", {}), "data_spec": saved.get("data_spec", {})}
+    return {**with_defaults(saved.get("config", {})), "data_spec": saved.get("data_spec", {})}
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, key: str = "loss") -> Comparison:
@@ -133,10 +133,8 @@ def report(c: Comparison, name_a: str, name_b: str) -> list[str]:
 
 
 def plot(c: Comparison, path: str | Path, name_a: str = "A", name_b: str = "B") -> Path:
-    """Both curves on one chart, as a PNG."""
-    from fewstep.images import write_png
+    """Both curves on one chart, as a PNG (needs matplotlib: ``fewstep[plots]``)."""
     from fewstep.plots import Series, line_chart
 
-    chart = line_chart([Series(name_a, list(c.kimg), list(c.a)), Series(name_b, list(c.kimg), list(c.b))],
-                       title=f"{c.key}: {name_a} vs {name_b}", xlabel="kimg", ylabel=c.key)
-    return write_png(path, chart)
+    return line_chart(path, [Series(name_a, list(c.kimg), list(c.a)), Series(name_b, list(c.kimg), list(c.b))],
+                      title=f"{c.key}: {name_a} vs {name_b}", xlabel="kimg (thousands of images seen)", ylabel=c.key)

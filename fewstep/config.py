@@ -72,9 +72,21 @@ class TrainConfig:
         batch: global images per optimizer step (over all devices and accumulation rounds).
         batch_per_gpu: images per device per forward; ``None`` means ``batch / num_devices`` (no
             gradient accumulation). Accumulation rounds = batch / (num_devices * batch_per_gpu).
-        lr, betas, eps, weight_decay: AdamW settings (constant learning rate).
+        lr, betas, eps, weight_decay: AdamW settings; ``lr`` is the peak learning rate.
+        lr_schedule: ``constant``, ``cosine`` (to ``lr_min`` over ``lr_decay_kimg``, default the rest of
+            the run) or ``rsqrt`` (edm2: ``lr / sqrt(max(kimg / lr_decay_kimg, 1))``); see
+            :mod:`fewstep.schedules`.
+        lr_warmup_kimg: linear learning-rate warm-up from 0 over this many kimg (0: none).
+        lr_decay_kimg: cosine: length of the decay; rsqrt: where the decay starts (required).
+        lr_min: the cosine schedule's final learning rate.
         grad_clip: max global gradient norm, or ``None`` for no clipping.
         ema_betas: evaluation EMA tracks, name → per-step decay (e.g. ``{"ema": 0.9999}``).
+        ema_halflife_kimg: evaluation EMA tracks, name → half-life in kimg (EDM): the horizon in images
+            does not change with ``batch``.
+        ema_rampup_ratio: with ``ema_halflife_kimg``, cap each half-life at this fraction of the images
+            seen (EDM uses 0.05); ``None``: no cap.
+        ema_power_std: evaluation EMA tracks, name → σ_rel of edm2's power-function EMA (e.g.
+            ``{"ema_050": 0.05, "ema_100": 0.10}``). Track names are unique over the three kinds.
         precision: ``bf16`` (autocast on CUDA, fp32 master weights) or ``fp32``. CPU always runs fp32.
         allow_tf32: allow TF32 matmuls on CUDA.
         status_kimg, checkpoint_kimg, sample_kimg: intervals for the status line (and JSONL log),
@@ -105,6 +117,9 @@ class TrainConfig:
             the cores not busy with other work, split over this host's processes
             (:mod:`fewstep.train.resources`: on a busy 2-core machine two threads ran 2.6–6× slower than
             one). GPU runs ignore it.
+        trackers: experiment trackers that get the status records, the config and the sample grids
+            (Accelerate's: ``tensorboard``, ``wandb``, …; :mod:`fewstep.train.trackers`); rank 0 only.
+        tracker_project: the project name trackers file the run under (wandb's project).
         distributed: with several processes, ``ddp`` (every rank holds the model; Accelerate's DDP
             wraps the objective) or ``fsdp2`` (parameters, EMA tracks and teacher sharded over ranks
             with ``fully_shard``); see :mod:`fewstep.train.distributed` and docs/distributed.md.
@@ -117,8 +132,15 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "rsqrt"] = "constant"
+    lr_warmup_kimg: float = 0.0
+    lr_decay_kimg: float | None = None
+    lr_min: float = 0.0
     grad_clip: float | None = None
     ema_betas: dict[str, float] = field(default_factory=lambda: {"ema": 0.9999})
+    ema_halflife_kimg: dict[str, float] = field(default_factory=dict)
+    ema_rampup_ratio: float | None = None
+    ema_power_std: dict[str, float] = field(default_factory=dict)
     precision: Literal["bf16", "fp32"] = "bf16"
     allow_tf32: bool = False
     status_kimg: float = 1.0
@@ -134,12 +156,52 @@ class TrainConfig:
     checkpoint_blocks: int | None = None
     distributed: Literal["ddp", "fsdp2"] = "ddp"
     cpu_threads: int | None = None
+    trackers: tuple[str, ...] = ()
+    tracker_project: str = "fewstep"
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"train.max_minutes must be > 0 (or none), got {self.max_minutes}")
         if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
             raise ConfigError(f"train.checkpoint_blocks must be ≥ 0 (or none: all), got {self.checkpoint_blocks}")
+        self._check_schedules()
+        if self.trackers:
+            from fewstep.train.trackers import known_trackers
+
+            unknown = [name for name in self.trackers if name not in known_trackers()]
+            if unknown:
+                hint = closest(unknown[0], known_trackers())
+                raise ConfigError(f"unknown tracker {unknown[0]!r} in train.trackers"
+                                  + (f"; did you mean {hint[0]!r}?" if hint else "")
+                                  + f" (valid: {', '.join(known_trackers())})")
+
+    def _check_schedules(self) -> None:
+        if self.lr_warmup_kimg < 0:
+            raise ConfigError(f"train.lr_warmup_kimg must be ≥ 0, got {self.lr_warmup_kimg}")
+        if self.lr_schedule == "rsqrt" and not (self.lr_decay_kimg or 0) > 0:
+            raise ConfigError("train.lr_schedule=rsqrt needs train.lr_decay_kimg > 0: the kimg where the "
+                              "inverse square root decay starts (edm2: 70k batches of 2048, about 143360 kimg)")
+        if self.lr_decay_kimg is not None and not self.lr_decay_kimg > 0:
+            raise ConfigError(f"train.lr_decay_kimg must be > 0 (or none), got {self.lr_decay_kimg}")
+        names = [*self.ema_betas, *self.ema_halflife_kimg, *self.ema_power_std]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"EMA track {twice[0]!r} is defined twice (train.ema_betas, ema_halflife_kimg and "
+                              "ema_power_std share one set of names)")
+        for name, beta in self.ema_betas.items():
+            if not 0 <= beta < 1:
+                raise ConfigError(f"train.ema_betas[{name!r}] must be in [0, 1), got {beta}")
+        for name, h in self.ema_halflife_kimg.items():
+            if not h > 0:
+                raise ConfigError(f"train.ema_halflife_kimg[{name!r}] must be > 0, got {h}")
+        if self.ema_rampup_ratio is not None and not self.ema_rampup_ratio > 0:
+            raise ConfigError(f"train.ema_rampup_ratio must be > 0 (or none), got {self.ema_rampup_ratio}")
+        from fewstep.schedules import MAX_POWER_STD
+
+        for name, std in self.ema_power_std.items():
+            if not 0 < std < MAX_POWER_STD:
+                raise ConfigError(f"train.ema_power_std[{name!r}] must be in (0, {MAX_POWER_STD:.4f}) "
+                                  f"(σ_rel of a power-function EMA, e.g. 0.05 or 0.10), got {std}")
 
 
 @dataclass(kw_only=True)

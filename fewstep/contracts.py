@@ -151,7 +151,9 @@ class Objective(nn.Module):
         backbone: the trained network (see :class:`Backbone`).
         config: the objective's own config dataclass.
         num_classes: number of data classes (0 = unconditional); label ``num_classes`` is null.
-        ema_betas: evaluation EMA tracks, name → per-step decay. Never used in the loss.
+        ema_betas: evaluation EMA tracks, name → per-step decay. Never used in the loss. The trainer
+            may set a track's decay before each :meth:`after_step` (half-life and power-function
+            tracks, :mod:`fewstep.schedules`), so read it there rather than caching it.
     """
 
     Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig

@@ -16,6 +16,7 @@ Seeds are dealt to processes round-robin (process r takes images r, r + P, …);
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import zipfile
@@ -32,6 +33,8 @@ from fewstep.images import to_uint8
 from fewstep.metrics.extractors import FeatureExtractor, make_extractor
 from fewstep.metrics.fid import FeatureStats, frechet_distance
 from fewstep.sample import sample
+
+log = logging.getLogger(__name__)
 
 STATS_FORMAT = "fewstep-fid-stats/1"
 CHECKED_FIELDS = ("extractor", "weights_sha256", "resize", "resolution", "channels")
@@ -209,7 +212,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     """FID of a trained run at each NFE (``fewstep eval``); the main process writes the JSON.
 
     Args:
-        run: run directory (newest valid checkpoint) or one checkpoint directory.
+        run: run directory (newest valid checkpoint), one checkpoint directory or an exported model.
         nfes: sampler jumps to evaluate, e.g. (1, 2, 4).
         num: images per NFE (50 000 for the papers' numbers); seeds ``seed … seed + num − 1``.
         ref: reference statistics from :func:`make_reference` (checked against the extractor and images).
@@ -226,7 +229,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
 
     acc = _accelerator()
     ex = make_extractor(extractor, device=acc.device, **(extractor_options or {}))   # missing weights: fail first
-    objective, cfg, ckpt = load_objective(run, device=acc.device)
+    objective, cfg, ckpt = load_objective(run, device=acc.device, weights=weights)
     spec = ckpt.field("data_spec")
     kind = spec.get("kind", "pixels")
     if kind == "points":
@@ -241,7 +244,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     reference = load_stats(ref)
     check_reference(reference, expected, trust=trust_ref)
     if reference.metadata and reference.metadata.get("dataset") != cfg.data.name:
-        acc.print(f"note: reference statistics are of {reference.metadata.get('dataset')!r}, "
+        log.info(f"note: reference statistics are of {reference.metadata.get('dataset')!r}, "
                   f"the run trained on {cfg.data.name!r}")
     weights = weights or cfg.sample.weights
     autocast = acc.device.type == "cuda" and cfg.train.precision == "bf16"
@@ -260,7 +263,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         body["fid"][k], body["seconds"][k] = fid, round(seconds, 3)
         body["images_per_second"][k] = round(num / seconds, 2)
         body["evaluations"][k] = evaluations
-        acc.print(f"{ex.metric_name} {nfe}-NFE: {fid:.4f} ({num} images, {seconds:.1f} s)")
+        log.info(f"{ex.metric_name} {nfe}-NFE: {fid:.4f} ({num} images, {seconds:.1f} s)")
     body.update({
         "metric": ex.metric_name, "num": num, "seed": seed, "weights": weights, "guidance": guidance, "class_label": class_label,
         "extractor": ex.metadata(), "ref": {"path": str(reference.path), "metadata": reference.metadata},
@@ -268,7 +271,10 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         "dataset": cfg.data.name, "num_processes": acc.num_processes,
     })
     if acc.is_main_process:
-        write_json(Path(out) if out else ckpt.path.parent / "fid.json", body)
+        from fewstep.export import is_exported
+
+        home = ckpt.path if is_exported(ckpt.path) else ckpt.path.parent   # the run (or exported model) directory
+        write_json(Path(out) if out else home / "fid.json", body)
     acc.wait_for_everyone()
     return body
 

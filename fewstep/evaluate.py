@@ -11,6 +11,7 @@ smaller than ≈ 0.03 are not significant.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,9 +20,11 @@ import torch
 
 from fewstep.contracts import Objective
 from fewstep.metrics.sliced_wasserstein import sliced_wasserstein
-from fewstep.plots import scatter_png
 from fewstep.files import write_json
+from fewstep.plots import PlotsUnavailable, scatter_png, step_label
 from fewstep.sample import sample
+
+log = logging.getLogger(__name__)
 
 NUM_PROJECTIONS = 1024
 
@@ -80,8 +83,13 @@ def evaluate_points(objective: Objective, dataset_test: Any, run_dir: str | os.P
         panels.append(points)
     scatter = None
     if reference.shape[1] >= 2:                               # first two coordinates of each set
-        scatter_png(run_dir / "samples" / "scatter.png", [p[:, :2] for p in panels])
-        scatter = {"path": "samples/scatter.png", "panels": ["held-out data", *(f"{n}-step" for n in nfes)]}
+        titles = ["held-out data", *(step_label(n) for n in nfes)]
+        try:
+            scatter_png(run_dir / "samples" / "scatter.png", [p[:, :2] for p in panels], titles,
+                        title=f"{num} points per panel ({weights} weights)")
+            scatter = {"path": "samples/scatter.png", "panels": titles}
+        except PlotsUnavailable as exc:
+            log.warning(f"samples/scatter.png not written: {exc}")
     metrics = {
         "sliced_wasserstein": scores,
         "test_reference_floor": sw(other_half),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -112,8 +112,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def seed_noise_and_labels(seeds: list[int], shape: tuple[int, int, int], num_classes: int,
-                          class_label: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Per-seed prior noise (N, C, H, W) and labels (N,) (random classes unless ``class_label``)."""
+                          class_label: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per-seed prior noise (N, C, H, W) and labels (N,): random classes, unless ``class_label`` gives
+    one class for all or one per seed (the random draw still happens, so the noise stays the seed's)."""
     noise, labels = [], []
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
@@ -122,7 +123,12 @@ def seed_noise_and_labels(seeds: list[int], shape: tuple[int, int, int], num_cla
             labels.append(torch.randint(num_classes, (), generator=gen))
     y = None
     if num_classes:
-        y = torch.stack(labels) if class_label is None else torch.full((len(seeds),), class_label)
+        if class_label is None:
+            y = torch.stack(labels)
+        elif isinstance(class_label, int):
+            y = torch.full((len(seeds),), class_label)
+        else:
+            y = torch.as_tensor(list(class_label), dtype=torch.int64)
     return torch.stack(noise), y
 
 
@@ -141,7 +147,7 @@ def renoise_generators(seeds: list[int], shape: tuple[int, int, int], num_classe
 
 @torch.no_grad()
 def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "online",
-           class_label: int | None = None, guidance: float | None = None, batch_size: int = 64,
+           class_label: int | Sequence[int] | None = None, guidance: float | None = None, batch_size: int = 64,
            schedule: list[float] | None = None, device: torch.device | str | None = None,
            autocast: bool = False, decode: Callable[[Tensor], Tensor] | None = None) -> SampleResult:
     """Generate one image per seed with ``nfe`` jumps of the objective's sampler.
@@ -151,10 +157,11 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
         seeds: sample seeds; image i depends only on seeds[i].
         nfe: number of jumps; the schedule defaults to ``objective.default_schedule(nfe)``.
         weights: ``online`` or an EMA track name.
-        class_label: draw every image from this class (default: a random class per seed).
+        class_label: draw every image from this class, or image i from ``class_label[i]`` (default: a
+            random class per seed).
         guidance: CFG scale w (objectives with guidance), default: the objective's own.
         batch_size: images per forward; does not change the results beyond float rounding.
-        device: where to run (default: the objective's device).
+        device: where to run (default: the sampling network's device).
         autocast: run the backbone under bf16 autocast (CUDA only).
         decode: samples → uint8 images (:func:`output_decoder`), applied per chunk; fills ``pixels``.
     """
@@ -163,10 +170,16 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
     if nfe < 1:
         raise ValueError(f"nfe must be ≥ 1 jumps, got {nfe}")
     net = objective.sampling_net(weights)
-    device = torch.device(device) if device is not None else next(objective.parameters()).device
+    device = torch.device(device) if device is not None else next(net.parameters()).device
     k = objective.num_classes
-    if class_label is not None and not (0 <= class_label < max(k, 1)) and k:
-        raise ValueError(f"class {class_label} is out of range: the model has {k} classes (0–{k - 1})")
+    per_seed = class_label is not None and not isinstance(class_label, int)
+    if per_seed:
+        class_label = [int(c) for c in class_label]
+        if len(class_label) != len(seeds):
+            raise ValueError(f"got {len(class_label)} labels for {len(seeds)} seeds (give one class, or one per seed)")
+    for c in (class_label if per_seed else [class_label] if class_label is not None else []):
+        if k and not 0 <= c < k:
+            raise ValueError(f"class {c} is out of range: the model has {k} classes (0–{k - 1})")
     schedule = schedule if schedule is not None else objective.default_schedule(nfe)
     if len(schedule) != nfe + 1 or any(b > a for a, b in zip(schedule, schedule[1:])):
         raise ValueError(f"schedule must be {nfe + 1} non-increasing times, got {schedule}")
@@ -174,7 +187,7 @@ def sample(objective: Objective, seeds: list[int], nfe: int, *, weights: str = "
     images, labels, pixels, evals = [], [], [], 0
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
-        x, y = seed_noise_and_labels(chunk, shape, k, class_label)
+        x, y = seed_noise_and_labels(chunk, shape, k, class_label[start:start + batch_size] if per_seed else class_label)
         x, y = x.to(device), (y.to(device) if y is not None else None)
         w = torch.full((len(chunk),), float(guidance), device=device) if guidance is not None else None
         cond = Condition(y=y, guidance=w)

@@ -17,9 +17,11 @@ from fewstep.registry import recipes
 SWEEP_KIMG = 300.0
 
 
-@recipes.register("smoke", summary="CPU demo: Fashion-MNIST, small DiT (patch 4), a few minutes on 2 cores")
+@recipes.register("smoke", summary="CPU demo: Fashion-MNIST, small DiT (patch 4); ~5 min on 2 cores for fm, "
+                                   "up to ~5x that for JVP objectives")
 def smoke(objective: str = "fm") -> RunConfig:
-    """A run that trains on 2 CPU cores in about 5 minutes (≈ 400 img/s, 120 kimg) and draws recognisable
+    """A run that trains on 2 CPU cores in about 5 minutes for flow matching (≈ 400 img/s, 120 kimg; the JVP
+    objectives take 3–5× as long, ECT 1.3×: docs/speed.md) and draws recognisable
     garments at 4 steps (1-step flow matching gives blurry class means, as it should).
 
     Differences from the GPU recipe, and why: patch 4 (64 tokens instead of 256) and a 4-block, 128-wide

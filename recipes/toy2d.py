@@ -1,4 +1,4 @@
-"""The 2-D toy recipe: every objective trained and scored on a CPU in about a minute.
+"""The 2-D toy recipe: every objective trained and scored on a CPU in minutes (flow matching in about one).
 
 Data: ``toy2d`` (8 Gaussians on a circle, scaled to zero mean and unit covariance; 4 classes, each owning
 two opposite modes, so a class is not a single Gaussian). Backbone: a residual MLP. At the end
@@ -13,14 +13,15 @@ from fewstep.recipes.common import objective_config, only_known
 from fewstep.registry import recipes
 
 
-@recipes.register("toy2d", summary="CPU minute: 2-D 8-Gaussian mixture, MLP; metrics.json with 1- and "
-                                   "4-step sliced Wasserstein")
+@recipes.register("toy2d", summary="CPU: 2-D 8-Gaussian mixture, MLP, about a minute for fm (tvm ~4 min); "
+                                   "metrics.json with 1- and 4-step sliced Wasserstein")
 def toy2d(objective: str = "fm") -> RunConfig:
-    """A run that trains in about a minute on 2 CPU cores and is scored by sliced Wasserstein.
+    """A run that trains on 2 CPU cores in about a minute (flow matching; docs/speed.md has the other
+    objectives) and is scored by sliced Wasserstein.
 
     Choices, and why: a width-256, depth-3 residual MLP (≈ 22 000 img/s for flow matching on two idle
-    CPU cores, so 1 000 kimg ≈ 45 s; objectives with JVPs cost 2–3×); batch 256 and a high learning
-    rate (1e-3) because the run is short; AdamW betas (0.9, 0.99); fp32; an EMA of 0.995 per step
+    CPU cores, so 1 000 kimg ≈ 45 s; the other objectives cost more per step: docs/speed.md); batch 256
+    and a high learning rate (1e-3) because the run is short; AdamW betas (0.9, 0.99); fp32; an EMA of 0.995 per step
     (a 200-step horizon: 0.999 still weighs the initial weights by ≈ 0.2 after 1 500 steps and
     measurably hurts); no periodic grids (points have no image grid) and a checkpoint only at the
     end. ``sample.num_images`` is the number of points scored per NFE.

@@ -43,7 +43,11 @@ def main(out: str, mode: str, objective: str) -> None:
 
     Parallel.prepare = prepare_and_keep
 
-    result = bench_scaling(cfg, spec, batch=4, steps=2, warmup=1, compile=False, after=keep, log=lines.append)
+    from logcapture import captured
+
+    with captured() as logged:
+        result = bench_scaling(cfg, spec, batch=4, steps=2, warmup=1, compile=False, after=keep)
+    lines += logged if rank == 0 else []
     if rank == 0:
         lines.append(scaling_line(result))
         (out_dir / "log.txt").write_text("\n".join(lines))

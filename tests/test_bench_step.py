@@ -56,9 +56,10 @@ def test_bench_objective_runs_full_steps_and_counts_the_objectives_flops(objecti
     sets = ["backbone.depth=2", "backbone.hidden_size=32", "backbone.num_heads=2", "backbone.patch_size=4"]
     cfg = resolve(apply_overrides(recipes.get("smoke")(objective), sets))
     spec = DataSpec(name="synthetic", channels=1, resolution=16, num_classes=10, num_items=4)
-    logs: list[str] = []
-    r = bench_objective(cfg, spec, batch=4, steps=2, warmup=1, compile=False, device=torch.device("cpu"),
-                        log=logs.append)
+    from logcapture import captured
+
+    with captured() as logs:
+        r = bench_objective(cfg, spec, batch=4, steps=2, warmup=1, compile=False, device=torch.device("cpu"))
     assert (r.objective, r.batch, len(r.times)) == (objective, 4, 2) and r.s_per_step > 0
     assert r.kernels_per_step is None and r.mfu is None and r.top_kernels == [] and r.gpu_busy is None and r.host_ms is None   # CPU: no profile
     assert logs[0].startswith(f"{objective}: built in") and logs[1].startswith(f"{objective}: warm-up step 1/1")

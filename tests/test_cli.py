@@ -7,7 +7,6 @@ import pytest
 from typer.testing import CliRunner
 
 from fewstep.cli import app
-from fewstep.images import read_png
 
 runner = CliRunner()
 
@@ -71,7 +70,14 @@ def test_train_then_sample(fashion_dir, tmp_path):
     res = run("sample", "--run", out, "--nfe", "1,4", "--seeds", "0-8", "--out", grid, "--batch", "4")
     assert res.exit_code == 0, res.output
     assert "9 images × [1 NFE (1 evaluations), 4 NFE (4 evaluations)]" in " ".join(res.output.split())
-    img = read_png(grid)
-    assert img.shape == (1, 2 * (3 * 34 + 2) + 4, 3 * 34 + 2)   # two 3×3 blocks of 32-px images
+    from imagefiles import find_block, read_rgb
+
+    from fewstep.images import make_grid
+    from fewstep.model import load
+
+    model = load(out, device="cpu")
+    blocks = make_grid([model.sample(range(9), nfe=n) for n in (1, 4)])   # two 3×3 blocks of 32-px images
+    assert blocks.shape == (1, 2 * (3 * 34 + 2) + 4, 3 * 34 + 2)
+    assert len(find_block(read_rgb(grid), blocks.expand(3, -1, -1).permute(1, 2, 0).numpy())) == 1
     missing = run("sample", "--run", tmp_path / "nope", "--out", grid)
     assert missing.exit_code == 2 and "no such run" in missing.output

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from imagefiles import read_rgb
 from typer.testing import CliRunner
 
 from fewstep.cli import app
 from fewstep.compare import CompareError, compare_runs, read_curve
 from fewstep.config import apply_overrides
-from fewstep.images import read_png
 from fewstep.registry import recipes
 from fewstep.train import train
 
@@ -69,7 +69,7 @@ def test_cli_reports_plots_and_applies_the_tolerance(runs, tmp_path):
     assert out.exit_code == 0, out.output
     assert "train.seed: 0 → 1" in out.output and "loss at 8 matched points" in out.output
     assert out.output.count("ran on: 1 process · cpu · fp32 · torch") == 2   # A's and B's start records
-    assert read_png(png).shape[0] == 3
+    assert read_rgb(png).shape[2] == 3
     strict = CliRunner().invoke(app, ["compare", str(runs / "a"), str(runs / "seed1"), "--tolerance", "0"])
     assert strict.exit_code == 1 and "more than 0%" in strict.output
     same = CliRunner().invoke(app, ["compare", str(runs / "a"), str(runs / "same"), "--tolerance", "0"])

@@ -85,9 +85,11 @@ def test_prefetch_raises_at_the_bad_batch_and_threads_end():
 def test_bench_rows_are_consistent_on_cpu():
     from fewstep.bench.data import bench_data
 
-    lines = []
-    report = bench_data(images(64), batch=8, steps=5, warmup=1, workers=[0, 2], prefetch=[0, 2], step_ms=1.0,
-                        device="cpu", log=lines.append)
+    from logcapture import captured
+
+    with captured() as lines:
+        report = bench_data(images(64), batch=8, steps=5, warmup=1, workers=[0, 2], prefetch=[0, 2], step_ms=1.0,
+                            device="cpu")
     assert any("no CUDA device" in m for m in lines) and any("workers do not apply" in m for m in lines)
     assert [(r["path"], r["workers"], r["prefetch"]) for r in report["rows"]] == [("in-process", 0, 0), ("in-process", 0, 2)]
     for r in report["rows"]:
@@ -95,8 +97,7 @@ def test_bench_rows_are_consistent_on_cpu():
         assert r["wait_ms"] >= 0 and 0 <= r["stall_fraction"] < 1 and not r["pin_memory"]
         assert r["headroom"] == pytest.approx(r["images_per_s"] / (8 / 1e-3))
         assert r["stall_fraction"] == pytest.approx(r["wait_ms"] / (r["wait_ms"] + 1.0))
-    loader = bench_data(NoBatch(images(64)), batch=8, steps=3, warmup=1, workers=[1], prefetch=[0], device="cpu",
-                        log=lines.append)
+    loader = bench_data(NoBatch(images(64)), batch=8, steps=3, warmup=1, workers=[1], prefetch=[0], device="cpu")
     assert [(r["path"], r["workers"], r["prefetch"], r["wait_ms"]) for r in loader["rows"]] == [("dataloader", 1, 1, None)]
 
 
@@ -177,6 +178,6 @@ def test_cuda_bench_pins_and_reports():
     from fewstep.bench.data import bench_data
 
     ds, _, _ = memory_latents(2048, (4, 32, 32))
-    report = bench_data(ds, batch=256, steps=10, warmup=2, prefetch=[0, 2], step_ms=20, device="cuda", log=lambda m: None)
+    report = bench_data(ds, batch=256, steps=10, warmup=2, prefetch=[0, 2], step_ms=20, device="cuda")
     assert report["device"].startswith("cuda") and all(r["pin_memory"] for r in report["rows"])
     assert all(r["images_per_s"] > 0 and r["wait_ms"] >= 0 for r in report["rows"])

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 from test_reliability import EVERY_2, assert_same, one_thread, snapshot, straight  # noqa: F401 (fixtures)
-from test_train import read_log, tiny
+from test_train import tiny
 from typer.testing import CliRunner
 
 from fewstep.checkpoints import list_checkpoints
@@ -61,7 +61,7 @@ def at_saves(monkeypatch, actions):
     monkeypatch.setattr(checkpointer, "save_checkpoint", save)
 
 
-def test_a_real_full_disk_during_interval_saves_keeps_training(fashion_dir, disk, monkeypatch, straight):
+def test_a_real_full_disk_during_interval_saves_keeps_training(fashion_dir, disk, monkeypatch, straight):  # noqa: F811
     run = disk / "run"
     at_saves(monkeypatch, {4: lambda: fill(disk), 8: lambda: (disk / FILLER).unlink()})   # full for saves 4 and 6
     result = train(tiny(fashion_dir, **EVERY_2, **{"train.sample_kimg": 0.032}), run, show_progress=False)
@@ -76,7 +76,8 @@ def test_a_real_full_disk_during_interval_saves_keeps_training(fashion_dir, disk
     assert (run / "samples" / "final.png").is_file()
 
 
-def test_a_disk_still_full_at_the_end_says_what_to_free_and_how_to_resume(fashion_dir, disk, monkeypatch, straight):
+def test_a_disk_still_full_at_the_end_says_what_to_free_and_how_to_resume(fashion_dir, disk, monkeypatch,
+                                                                         straight):  # noqa: F811
     run = disk / "run"
     sets = {"data.root": str(fashion_dir), "train.batch": 16, "train.total_kimg": 0.128, "train.status_kimg": 0.032,
             "train.checkpoint_kimg": 0.032, "train.keep_checkpoints": 0, "sample.num_images": 4, "sample.nfe": "(1,)",

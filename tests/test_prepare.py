@@ -23,7 +23,7 @@ from fewstep.data.store import check_settings, merge_shards   # noqa: E402
 from fewstep.data.vae import LatentDecoder, encode_posterior, load_vae   # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-KW = dict(resolution=32, batch_size=2, shard_size=4, workers=0, progress=False, log=lambda m: None)
+KW = dict(resolution=32, batch_size=2, shard_size=4, workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")

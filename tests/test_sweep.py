@@ -12,9 +12,10 @@ import time
 import types
 
 import pytest
+from imagefiles import find_block, read_rgb
+from logcapture import captured
 
 import fewstep.train
-from fewstep.images import read_png
 from fewstep.sweep import SweepError, SweepSpec, member_config, parse_objectives, run_sweep, spec_from_dict
 from fewstep.sweep.report import collect, progress_key
 from fewstep.sweep.run import prepare
@@ -38,7 +39,7 @@ def log_steps(run_dir):
 
 def test_a_sweep_writes_every_file_and_a_rerun_skips_finished_members(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    result = run_sweep(toy_spec(), out, log=lambda m: None)
+    result = run_sweep(toy_spec(), out)
     assert result.ran == ["fm", "meanflow"] and not result.skipped and not result.failed
     for name in ("results.csv", "results.md", "metric_vs_nfe.png", "loss_curves.png", "samples-fm.png",
                  "samples-meanflow.png", "sweep.json"):
@@ -53,8 +54,8 @@ def test_a_sweep_writes_every_file_and_a_rerun_skips_finished_members(tmp_path, 
     table = (out / "results.md").read_text()
     assert "| member | SW2 @1 NFE | SW2 @2 NFE | kimg | img/s | CPU-min | peak GiB |" in table
     assert "| fm |" in table and "| meanflow |" in table and "Noise floor" in table
-    assert read_png(out / "metric_vs_nfe.png").shape[0] == 3
-    assert read_png(out / "loss_curves.png").shape[2] > 2 * 360        # one panel per member, side by side
+    assert read_rgb(out / "metric_vs_nfe.png").shape[2] == 3
+    assert read_rgb(out / "loss_curves.png").shape[1] == 2 * 400        # one panel per member, side by side
     fm_row, mf_row = collect(out, toy_spec())                           # MeanFlow's adaptive loss is ≈ 1:
     assert (fm_row.loss_key, mf_row.loss_key) == ("loss", "loss_u")    # its curve is the raw MSE
     records = [json.loads(line) for line in (out / "meanflow" / "log.jsonl").read_text().splitlines()]
@@ -63,13 +64,13 @@ def test_a_sweep_writes_every_file_and_a_rerun_skips_finished_members(tmp_path, 
                                                                                          if "loss_u" in r])
     assert progress_key("scm", [{"loss": -1.0, "loss_unweighted": 0.2}]) == "loss_unweighted"
     assert progress_key("meanflow", [{"loss": 1.0}]) == "loss"           # an old log without the entry
-    assert read_png(out / "samples-fm.png").shape[0] == 3              # points: the scatter panels
+    assert read_rgb(out / "samples-fm.png").shape[1] == 3 * 300        # points: data, 1 and 2 steps
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint-*/*")}
     mtimes.update({p: p.stat().st_mtime_ns for p in out.glob("*/eval.json")})
     monkeypatch.setattr(fewstep.train, "train", lambda *a, **k: pytest.fail("a finished member was trained"))
     monkeypatch.setattr("fewstep.sweep.worker.evaluate_member", lambda *a, **k: pytest.fail("re-evaluated"))
-    again = run_sweep(toy_spec(), out, log=lambda m: None)
+    again = run_sweep(toy_spec(), out)
     assert again.skipped == ["fm", "meanflow"] and not again.ran
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
 
@@ -81,8 +82,8 @@ def test_an_interrupted_member_resumes_where_it_stopped(tmp_path):
     first.train.total_kimg = 1.024                      # an earlier invocation stopped after 4 of 10 steps
     train(first, out / "fm", show_progress=False)
     assert not member_state(out, spec, spec.members[0], member_config(spec, spec.members[0])).trained
-    messages = []
-    result = run_sweep(spec, out, log=messages.append)
+    with captured() as messages:
+        result = run_sweep(spec, out)
     assert result.ran == ["fm"] and "fm: resuming at 1.024 kimg (step 4)" in messages
     assert log_steps(out / "fm") == list(range(1, 11))  # steps 5–10 continued the run; none was redone
 
@@ -101,7 +102,7 @@ def test_a_member_killed_by_sigterm_resumes_in_a_parallel_sweep(tmp_path):
     assert proc.wait(60) == 128 + signal.SIGTERM, (tmp_path / "err.txt").read_text()[-3000:]
     stopped_at = log_steps(out / "fm")[-1]
     assert not member_state(out, spec, spec.members[0], member_config(spec, spec.members[0])).trained
-    result = run_sweep(spec, out, parallel=2, log=lambda m: None)     # subprocesses, side by side
+    result = run_sweep(spec, out, parallel=2)     # subprocesses, side by side
     assert sorted(result.ran) == ["ect", "fm"] and not result.failed
     steps = log_steps(out / "fm")
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > stopped_at
@@ -170,8 +171,14 @@ def test_the_cli_runs_an_image_sweep_with_the_classifier_metric(fashion_dir, tmp
     assert res.exit_code == 0, res.output
     assert "| fm |" in res.output and "FD-fmnist-classifier @2 NFE" in res.output
     assert (out / "reference-fmnist-classifier.npz").is_file()
-    grid = read_png(out / "samples-tvm.png")
-    assert grid.shape == (1, 2 * (2 * 34 + 2) + 4, 2 * 34 + 2)   # two blocks (NFE 1, 2) of 2×2 images
+    from fewstep.build import load_objective
+    from fewstep.images import make_grid, to_uint8
+    from fewstep.sample import sample
+
+    tvm, _, _ = load_objective(out / "tvm")
+    blocks = make_grid([to_uint8(sample(tvm, range(4), n, weights="ema").images) for n in (1, 2)])
+    assert blocks.shape == (1, 2 * (2 * 34 + 2) + 4, 2 * 34 + 2)   # two blocks (NFE 1, 2) of 2×2 images
+    assert len(find_block(read_rgb(out / "samples-tvm.png"), blocks.expand(3, -1, -1).permute(1, 2, 0).numpy())) == 1
     body = json.loads((out / "tvm" / "fid.json").read_text())
     assert body["extractor"]["extractor"] == "fmnist-classifier" and set(body["fid"]) == {"1", "2"}
     args[args.index("--num") + 1] = "64"
@@ -180,11 +187,12 @@ def test_the_cli_runs_an_image_sweep_with_the_classifier_metric(fashion_dir, tmp
 
 
 def test_a_larger_budget_trains_finished_members_on_and_evaluates_them_again(tmp_path):
-    out, lines = tmp_path / "sweep", []
-    run_sweep(toy_spec("fm"), out, log=lambda m: None)
+    out = tmp_path / "sweep"
+    run_sweep(toy_spec("fm"), out)
     first = json.loads((out / "fm" / "eval.json").read_text())
     assert first["checkpoint_step"] == 10
-    again = run_sweep(toy_spec("fm", kimg=5.12), out, log=lines.append)
+    with captured() as lines:
+        again = run_sweep(toy_spec("fm", kimg=5.12), out)
     assert again.ran == ["fm"] and not again.skipped
     assert any(line.startswith("budget changed (kimg: 2.56 → 5.12)") for line in lines), lines
     steps = log_steps(out / "fm")
@@ -194,4 +202,4 @@ def test_a_larger_budget_trains_finished_members_on_and_evaluates_them_again(tmp
     assert row["steps"] == "20" and float(row["kimg"]) == 5.12
     assert json.loads((out / "sweep.json").read_text())["kimg"] == 5.12
     with pytest.raises(SweepError, match=r"another spec \(num: 200 → 300\).*only kimg and minutes"):
-        run_sweep(toy_spec("fm", kimg=7.68, num=300), out, log=lambda m: None)
+        run_sweep(toy_spec("fm", kimg=7.68, num=300), out)

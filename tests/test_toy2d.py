@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from imagefiles import read_rgb
 from torch import nn
 
 from fewstep.backbones.mlp import MLP, MLPConfig
@@ -21,11 +22,10 @@ from fewstep.data.base import DataError
 from fewstep.data.toy2d import (NUM_CLASSES, Toy2D, class_of_component, component_means, component_std,
                                 sample_mixture)
 from fewstep.evaluate import evaluate_points
-from fewstep.images import read_png
 from fewstep.metrics import random_directions, sliced_wasserstein
 from fewstep.objectives.fm import FlowMatching, FlowMatchingConfig
 from fewstep.objectives.jvp import jvp
-from fewstep.plots import AXES, BACKGROUND, scatter_image, scatter_png
+from fewstep.plots import default_extent, scatter_png
 from fewstep.recipes.toy2d import toy2d
 from fewstep.registry import backbones, datasets, recipes
 from fewstep.train import train
@@ -251,30 +251,19 @@ def test_sw_errors():
 # ---------------------------------------------------------------------------------------------------
 # Scatter plots
 # ---------------------------------------------------------------------------------------------------
-def test_scatter_puts_points_at_the_right_pixels(tmp_path):
-    size, pad = 8, 2
-    ext = (-1.0, 1.0)
-    first = torch.tensor([[-0.99, 0.99], [0.5, -0.5], [0.55, -0.55], [5.0, 0.0]])   # last is outside
+def test_scatter_panels_are_titled_and_share_one_extent(tmp_path):
+    first = torch.tensor([[-0.99, 0.99], [0.5, -0.5], [5.0, 0.0]])
     second = torch.tensor([[-0.6, -0.9]])
-    colors = [(0, 0, 0), (0, 100, 200)]
-    img = scatter_image([first, second], colors=colors, size=size, extent=ext, pad=pad)
-    empty = scatter_image([first[:0], second[:0]], colors=colors, size=size, extent=ext, pad=pad)
-    assert img.shape == (3, size + 2 * pad, 2 * size + 3 * pad) and img.dtype == torch.uint8
-    assert int(empty[0, pad + 4, pad + 1]) == AXES and int(empty[0, pad + 1, pad + 1]) == BACKGROUND
-
-    def blend(bg, color, k):   # 1 − (1 − α)^k of the way from the background to the colour
-        return [round(bg + (c - bg) * (1 - 0.6 ** k)) for c in color]
-
-    left2 = pad + size + pad
-    expected = {(pad + 0, pad + 0): blend(BACKGROUND, colors[0], 1),          # (−0.99, 0.99) → row 0, col 0
-                (pad + 6, pad + 6): blend(BACKGROUND, colors[0], 2),          # two points → darker
-                (pad + 7, left2 + 1): blend(BACKGROUND, colors[1], 1)}        # panel 2: (−0.6, −0.9) → (7, 1)
-    changed = (img != empty).any(dim=0).nonzero().tolist()
-    assert sorted(map(tuple, changed)) == sorted(expected)
-    for (r, c), rgb in expected.items():
-        assert img[:, r, c].tolist() == rgb
-    path = scatter_png(tmp_path / "s.png", [first, second], colors=colors, size=size, extent=ext)
-    assert torch.equal(read_png(path), scatter_image([first, second], colors=colors, size=size, extent=ext))
+    path = scatter_png(tmp_path / "s.png", [first, second], ["held-out data", "1 step"], extent=(-1.0, 1.0),
+                       panel_px=200)
+    png = read_rgb(path)
+    assert png.shape == (210, 400, 3)
+    assert (png < 100).all(-1).any()                      # dark points and titles on white
+    assert default_extent(first) == pytest.approx((-5.5, 5.5))
+    with pytest.raises(ValueError, match="must be \\(N, 2\\)"):
+        scatter_png(tmp_path / "x.png", [torch.zeros(3, 3)])
+    with pytest.raises(ValueError, match="1 titles for 2 point sets"):
+        scatter_png(tmp_path / "x.png", [first, second], ["a"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,8 +308,8 @@ def test_evaluate_points_with_the_exact_oracle(tmp_path):
     assert 0.02 < m["test_reference_floor"] < 0.15
     assert sw["4"] < 0.5 * sw["1"] and sw["32"] < 2 * m["test_reference_floor"]
     assert m["evaluations"] == {"1": 1, "4": 4, "32": 32} and m["num"] == 2000 and m["weights"] == "online"
-    png = read_png(tmp_path / "samples" / "scatter.png")
-    assert png.shape == (3, 256 + 8, 4 * 256 + 5 * 4)
+    png = read_rgb(tmp_path / "samples" / "scatter.png")
+    assert png.shape[1] == 4 * 300 and m["scatter"]["panels"] == ["held-out data", "1 step", "4 steps", "32 steps"]
     with pytest.raises(ValueError, match="num ≤ len\\(test\\)/2 = 5000"):
         evaluate_points(obj, test, tmp_path, num=6000, weights="online")
 

@@ -19,14 +19,17 @@ numbers describe the host side only.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from fewstep.data.loader import BatchStream
 from fewstep.sample import parse_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,19 +113,19 @@ def measure(dataset: Any, *, batch: int, steps: int, warmup: int, workers: int, 
 
 def bench_data(dataset: Any, *, batch: int = 256, steps: int = 50, warmup: int = 5, workers: list[int] = (0,),
                prefetch: list[int] = (0, 2), pin_memory: bool | None = None, device: str = "auto",
-               step_ms: float = 0.0, log: Callable[[str], None] = print) -> dict:
+               step_ms: float = 0.0) -> dict:
     """Measure every (workers, prefetch) combination on ``dataset``; returns a JSON-able report."""
     dev = parse_device(device)
     spec = dataset.spec
     in_process = hasattr(dataset, "get_batch") or hasattr(dataset, "get_stored")
-    log(f"{spec.name}: {spec.num_items} items of {spec.channels}×{spec.resolution}² ({spec.kind}), batch {batch}, "
-        f"{steps} timed batches after {warmup} warm-up, device {dev}")
+    log.info(f"{spec.name}: {spec.num_items} items of {spec.channels}×{spec.resolution}² ({spec.kind}), batch {batch}, "
+             f"{steps} timed batches after {warmup} warm-up, device {dev}")
     if dev.type != "cuda":
-        log("note: no CUDA device — batches stay in host memory (no pinned memory, no host→device copy); "
-            "these numbers describe the host-side loader only")
+        log.info("note: no CUDA device — batches stay in host memory (no pinned memory, no host→device copy); "
+                 "these numbers describe the host-side loader only")
     if in_process and any(w for w in workers):
-        log("note: this dataset is gathered in the training process (a prefetch thread overlaps it); "
-            "DataLoader workers do not apply, so only workers=0 is measured")
+        log.info("note: this dataset is gathered in the training process (a prefetch thread overlaps it); "
+                 "DataLoader workers do not apply, so only workers=0 is measured")
         workers = [0]
     rows = []
     for w in dict.fromkeys(workers):
@@ -130,12 +133,12 @@ def bench_data(dataset: Any, *, batch: int = 256, steps: int = 50, warmup: int =
             row = measure(dataset, batch=batch, steps=steps, warmup=warmup, workers=w, prefetch=p,
                           pin_memory=pin_memory, device=dev, step_ms=step_ms)
             rows.append(row)
-            log(row.line())
+            log.info(row.line())
     if step_ms > 0:
         needed = batch / (step_ms / 1000)
         best = min(rows, key=lambda r: r.wait_ms)
-        log(f"a {step_ms:g} ms step consumes {needed:.0f} img/s per process; best setting: workers {best.workers}, "
-            f"prefetch {best.prefetch} (wait {best.wait_ms:.2f} ms/step)")
+        log.info(f"a {step_ms:g} ms step consumes {needed:.0f} img/s per process; best setting: workers {best.workers}, "
+                 f"prefetch {best.prefetch} (wait {best.wait_ms:.2f} ms/step)")
     return {"data": spec.name, "kind": spec.kind, "shape": [spec.channels, spec.resolution, spec.resolution],
             "device": str(dev), "torch": torch.__version__, "batch": batch, "steps": steps,
             "rows": [asdict(r) for r in rows]}

@@ -17,6 +17,7 @@ latents) unless ``run`` names a trained one; with random weights the FIDs are me
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ from fewstep.images import to_uint8
 from fewstep.metrics.extractors import CleanResize, FeatureExtractor, InceptionExtractor
 from fewstep.metrics.fid import frechet_distance
 from fewstep.sample import parse_device, sample
+
+log = logging.getLogger(__name__)
 
 
 class RandomInception(FeatureExtractor):
@@ -90,7 +93,7 @@ def _sync(device: torch.device) -> float:
 def bench_fid(*, num: int = 10_000, batch: int = 256, nfe: int = 1, inception: str | None = None,
               extractor: str = "inception", backbone: str = "dit-b", objective: str = "fm", resolution: int = 32,
               num_classes: int = 1000, run: str | None = None, ref_num: int | None = None, device: str = "auto",
-              autocast: bool = True, cleanfid: bool = True, log=print) -> dict[str, Any]:
+              autocast: bool = True, cleanfid: bool = True) -> dict[str, Any]:
     """Time both paths on the same images and compare their FIDs; returns the numbers printed."""
     from fewstep.eval import sample_statistics
 
@@ -101,9 +104,9 @@ def bench_fid(*, num: int = 10_000, batch: int = 256, nfe: int = 1, inception: s
     params = sum(p.numel() for p in obj.backbone.parameters())
     net = obj.backbone
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    log(f"device {name}; model {run or backbone} "
-        f"({params / 1e6:.1f} M params, {net.in_channels}×{net.input_size}×{net.input_size}), {nfe} NFE; "
-        f"extractor {ex.name}; {num} images, batch {batch}")
+    log.info(f"device {name}; model {run or backbone} "
+             f"({params / 1e6:.1f} M params, {net.in_channels}×{net.input_size}×{net.input_size}), {nfe} NFE; "
+             f"extractor {ex.name}; {num} images, batch {batch}")
     kw = dict(batch=batch, weights="online", autocast=autocast)
 
     ref_num = ref_num or num
@@ -120,15 +123,15 @@ def bench_fid(*, num: int = 10_000, batch: int = 256, nfe: int = 1, inception: s
                            "params_m": round(params / 1e6, 2),
                            "fewstep": {"images_per_s": num / (t1 - t0), "seconds": t1 - t0, "fid": fid,
                                        "fd_seconds": t2 - t1, "peak_gib": _peak_gib(dev)}}
-    log(f"fewstep : {num / (t1 - t0):9.1f} images/s ({t1 - t0:.2f} s), FID {fid:.6f}, FD {t2 - t1:.2f} s"
-        + _mem(out["fewstep"]))
+    log.info(f"fewstep : {num / (t1 - t0):9.1f} images/s ({t1 - t0:.2f} s), FID {fid:.6f}, FD {t2 - t1:.2f} s"
+             + _mem(out["fewstep"]))
     if not cleanfid:
         return out
     try:
         import cleanfid.fid as cf
     except ImportError as exc:
-        log(f"clean-fid : not importable ({exc}); only fewstep's path was measured. "
-            "Install it with: pip install --no-deps clean-fid==0.1.35 (needs torchvision, scipy, requests, tqdm)")
+        log.info(f"clean-fid : not importable ({exc}); only fewstep's path was measured. "
+                 "Install it with: pip install --no-deps clean-fid==0.1.35 (needs torchvision, scipy, requests, tqdm)")
         out["cleanfid"] = {"error": f"not importable: {exc}"}
         return out
     out["cleanfid"] = _cleanfid(cf, obj, ex, dev, num, batch, nfe, autocast, ref_mu, ref_sigma)
@@ -136,10 +139,10 @@ def bench_fid(*, num: int = 10_000, batch: int = 256, nfe: int = 1, inception: s
     out["ratio"] = out["fewstep"]["images_per_s"] / c["images_per_s"]
     out["fid_abs_diff"] = abs(fid - c["fid"])
     out["same_fid"] = out["fid_abs_diff"] <= 1e-3
-    log(f"clean-fid: {c['images_per_s']:9.1f} images/s ({c['seconds']:.2f} s), FID {c['fid']:.6f}, "
-        f"FD {c['fd_seconds']:.2f} s{_mem(c)}{' (' + c['note'] + ')' if c.get('note') else ''}")
-    log(f"speed-up {out['ratio']:.2f}×; |ΔFID| = {out['fid_abs_diff']:.2e} "
-        f"({'same to 1e-3' if out['same_fid'] else 'DIFFERENT (> 1e-3)'})")
+    log.info(f"clean-fid: {c['images_per_s']:9.1f} images/s ({c['seconds']:.2f} s), FID {c['fid']:.6f}, "
+             f"FD {c['fd_seconds']:.2f} s{_mem(c)}{' (' + c['note'] + ')' if c.get('note') else ''}")
+    log.info(f"speed-up {out['ratio']:.2f}×; |ΔFID| = {out['fid_abs_diff']:.2e} "
+             f"({'same to 1e-3' if out['same_fid'] else 'DIFFERENT (> 1e-3)'})")
     return out
 
 

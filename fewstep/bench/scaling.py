@@ -12,6 +12,7 @@ all-reduce (DDP) or the parameter gathers and gradient reduce-scatters (FSDP2) a
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from torch import nn
 from fewstep.bench.step import release, setup_step, timed
 from fewstep.config import RunConfig
 from fewstep.contracts import DataSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,11 +64,10 @@ def _slowest(value: float, device: torch.device) -> float:
 
 
 def bench_scaling(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int, compile: bool,
-                  checkpointing: bool = False, after: Callable[[nn.Module], None] | None = None,
-                  log=print) -> ScalingResult:
+                  checkpointing: bool = False, after: Callable[[nn.Module], None] | None = None) -> ScalingResult:
     """Time ``cfg.objective``'s step alone and wrapped (``cfg.train.distributed``) on every rank of the
     launched process group; ``batch`` images per GPU (per process on a CPU, where times are wall-clock
-    and peaks NaN). ``log`` is called on rank 0 only; ``after`` on every rank with the (unwrapped)
+    and peaks NaN). Progress goes to this module's logger (printed on rank 0 by the CLI); ``after`` on every rank with the (unwrapped)
     objective after the wrapped steps, e.g. to check that the ranks hold the same weights."""
     from accelerate import Accelerator
 
@@ -76,11 +78,10 @@ def bench_scaling(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, war
                               mixed_precision="bf16" if (cuda and cfg.train.precision == "bf16") else "no")
     parallel = Parallel(cfg.train.distributed, accelerator)   # also destroys the group at exit
     device, rank = accelerator.device, accelerator.process_index
-    say = log if accelerator.is_main_process else (lambda message: None)
     name = cfg.objective.name
     setup = setup_step(cfg, spec, batch=batch, compile=compile, checkpointing=checkpointing, device=device,
-                       seed=rank, log=say)
-    times, alone_peak = timed(setup.step, warmup=warmup, steps=steps, name=f"{name} alone", device=device, log=say)
+                       seed=rank)
+    times, alone_peak = timed(setup.step, warmup=warmup, steps=steps, name=f"{name} alone", device=device)
     alone = _slowest(statistics.median(times), device)
     alone_peak = _slowest(alone_peak, device)
     accelerator.wait_for_everyone()
@@ -92,7 +93,7 @@ def bench_scaling(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, war
     setup.new_optimizer(cfg)
     model, setup.optimizer = parallel.prepare(setup.objective, setup.optimizer)
     times, wrapped_peak = timed(lambda: setup.step(model), warmup=warmup, steps=steps,
-                                name=f"{name} {parallel.mode}", device=device, log=say)
+                                name=f"{name} {parallel.mode}", device=device)
     if after is not None:
         after(setup.objective)
     wrapped = _slowest(statistics.median(times), device)

@@ -11,6 +11,7 @@ MFU = model FLOPs per step ÷ time ÷ the GPU's dense bf16 peak, with the FLOPs 
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import statistics
 import time
@@ -24,6 +25,8 @@ from fewstep.build import build_objective, build_optimizer
 from fewstep.config import RunConfig
 from fewstep.contracts import DataSpec
 from fewstep.train.status import peak_flops
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,8 +128,7 @@ class StepSetup:
 
 
 def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, checkpointing: bool = False,
-               functorch: bool = False, device: torch.device | None = None, seed: int = 0,
-               log=print) -> StepSetup:
+               functorch: bool = False, device: torch.device | None = None, seed: int = 0) -> StepSetup:
     """Build ``cfg.objective`` on ``device`` (default the current GPU; a CPU works too, for tests), switch
     checkpointing and compilation as asked, and draw one batch from ``seed``."""
     from fewstep.compiling import compile_objective, set_activation_checkpointing
@@ -136,7 +138,7 @@ def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, che
     started = time.perf_counter()
     with device:             # initialise on the GPU (spectral init's SVDs are slow on a CPU)
         objective = build_objective(cfg, spec)
-    log(f"{cfg.objective.name}: built in {time.perf_counter() - started:.1f} s")
+    log.info(f"{cfg.objective.name}: built in {time.perf_counter() - started:.1f} s")
     if checkpointing:
         set_activation_checkpointing(objective, blocks=cfg.train.checkpoint_blocks)
     if compile:
@@ -152,8 +154,7 @@ def setup_step(cfg: RunConfig, spec: DataSpec, *, batch: int, compile: bool, che
                      cfg.train.precision == "bf16", functorch)
 
 
-def timed(step, *, warmup: int, steps: int, name: str, device: torch.device | None = None,
-          log=print) -> tuple[list[float], float]:
+def timed(step, *, warmup: int, steps: int, name: str, device: torch.device | None = None) -> tuple[list[float], float]:
     """``warmup`` untimed calls of ``step``, then ``steps`` timed ones: (seconds of each, peak GiB
     allocated over the timed calls). On a GPU (the default) CUDA events time the calls; on a CPU the
     wall clock does and the peak is NaN."""
@@ -163,7 +164,7 @@ def timed(step, *, warmup: int, steps: int, name: str, device: torch.device | No
         started = time.perf_counter()
         step()
         sync()
-        log(f"{name}: warm-up step {i + 1}/{warmup} {time.perf_counter() - started:.2f} s")
+        log.info(f"{name}: warm-up step {i + 1}/{warmup} {time.perf_counter() - started:.2f} s")
     if not cuda:
         return host_seconds(step, steps, sync), math.nan
     torch.cuda.reset_peak_memory_stats()
@@ -202,16 +203,15 @@ def host_time_ms(step, repeats: int = 5, sync=None) -> float:
 
 def bench_objective(cfg: RunConfig, spec: DataSpec, *, batch: int, steps: int, warmup: int,
                     compile: bool, functorch: bool = False, checkpointing: bool = False,
-                    profile_kernels: bool = True, top: int = 0, device: torch.device | None = None,
-                    log=print) -> StepResult:
+                    profile_kernels: bool = True, top: int = 0, device: torch.device | None = None) -> StepResult:
     """Time ``steps`` full training steps of ``cfg.objective`` on ``cfg.backbone`` after ``warmup``
     (``functorch``: JVPs through ``torch.func.jvp`` instead of the backbone's tangent rules; ``top``: keep
     the ``top`` kernels of the profiled step by GPU time in ``StepResult.top_kernels``; ``device``: default
     the current GPU; on a CPU, for tests, times are wall-clock and no kernels are profiled)."""
     setup = setup_step(cfg, spec, batch=batch, compile=compile, checkpointing=checkpointing, functorch=functorch,
-                       device=device, log=log)
+                       device=device)
     device = setup.x.device
-    times, peak = timed(setup.step, warmup=warmup, steps=steps, name=cfg.objective.name, device=device, log=log)
+    times, peak = timed(setup.step, warmup=warmup, steps=steps, name=cfg.objective.name, device=device)
     profiling = (profile_kernels or top) and device.type == "cuda"
     profiled = _profile_kernels(setup.step) if profiling else None
     kernels = sum(k.calls for k in profiled) if profiled is not None else None

@@ -15,6 +15,7 @@ same statistics.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from fewstep.data.base import DataError, load_dataset
 from fewstep.data.store import (META_FILE, RECORD_ROWS, Settings, ShardWriter, check_settings, merge_shards,
                                 read_meta, shard_done)
 from fewstep.data.vae import encode_posterior, load_vae, vae_factor
+
+log = logging.getLogger(__name__)
 
 
 def shards_of_rank(num_shards: int, rank: int, world: int) -> list[int]:
@@ -111,14 +114,12 @@ def _plain(v: Any) -> Any:
 
 
 def encode_rank(out: Path, s: Settings, source: Any, vae: Any, rank: int, world: int, *, batch_size: int = 64,
-                workers: int = 0, progress: bool = False, on_batch: Callable[[int], None] | None = None,
-                log: Callable[[str], None] | None = None) -> int:
+                workers: int = 0, progress: bool = False, on_batch: Callable[[int], None] | None = None) -> int:
     """Encode the unfinished shards of rank ``rank`` of ``world``; returns the number of items encoded."""
     mine = [k for k in shards_of_rank(s.num_shards, rank, world) if not shard_done(out, s, k)]
     todo = sum(len(s.shard_range(k)) for k in mine)
     device = next(vae.parameters()).device
-    if log:
-        log(f"rank {rank}: {len(mine)} shards to encode ({todo} images) on {device}")
+    log.info(f"rank {rank}: {len(mine)} shards to encode ({todo} images) on {device}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress)
@@ -133,9 +134,9 @@ def encode_rank(out: Path, s: Settings, source: Any, vae: Any, rank: int, world:
         task = bar.add_task("encode", total=todo)
         for k in mine:
             encode_shard(out, s, k, source, vae, batch_size=batch_size, workers=workers, on_batch=step)
-    if log and todo:
+    if todo:
         seconds = time.time() - start
-        log(f"rank {rank}: encoded {todo} images in {seconds:.1f} s ({todo / max(seconds, 1e-9):.1f} img/s)")
+        log.info(f"rank {rank}: encoded {todo} images in {seconds:.1f} s ({todo / max(seconds, 1e-9):.1f} img/s)")
     return todo
 
 
@@ -144,7 +145,7 @@ def prepare_latents(data: str, out: str | os.PathLike, *, resolution: int = 256,
                     shard_size: int = 10_000, workers: int = 4, dtype: str = "float32", seed: int = 0,
                     limit: int | None = None, device: torch.device | str | None = None,
                     rank: int | None = None, world: int | None = None, progress: bool = True,
-                    on_batch: Callable[[int], None] | None = None, log: Callable[[str], None] = print) -> dict:
+                    on_batch: Callable[[int], None] | None = None) -> dict:
     """Encode ``data`` into ``out`` (resuming an unfinished ``out``); returns ``latents.json``.
 
     Args:
@@ -173,7 +174,7 @@ def prepare_latents(data: str, out: str | os.PathLike, *, resolution: int = 256,
         if (meta["source"], meta["resolution"], meta["vae"]) != (data, resolution, vae):
             raise DataError(f"{out} already holds latents of {meta['source']} at {meta['resolution']} px with "
                             f"{meta['vae']}; use another --out")
-        log(f"{out} is already prepared ({meta['num_items']} items); nothing to do")
+        log.info(f"{out} is already prepared ({meta['num_items']} items); nothing to do")
         return meta
     with state.main_process_first():   # the first process builds the HF cache, the others reuse it
         source = load_dataset(DataConfig(name=data, split=split, resolution=resolution))
@@ -188,10 +189,10 @@ def prepare_latents(data: str, out: str | os.PathLike, *, resolution: int = 256,
     if not main:
         check_settings(out, s, write=False)
     if main:
-        log(f"encoding {s.num_items} images of {data} at {resolution} px → latents {tuple(s.latent_shape)} "
-            f"with {vae} on {world} process(es), {s.num_shards} shards of {s.shard_size}")
+        log.info(f"encoding {s.num_items} images of {data} at {resolution} px → latents {tuple(s.latent_shape)} "
+                 f"with {vae} on {world} process(es), {s.num_shards} shards of {s.shard_size}")
     encode_rank(out, s, source, model, rank, world, batch_size=batch_size, workers=workers,
-                progress=progress and main, on_batch=on_batch, log=log if main else None)
+                progress=progress and main, on_batch=on_batch)
     if world > 1:
         state.wait_for_everyone()
     meta = merge_shards(out) if main else {}
@@ -199,6 +200,6 @@ def prepare_latents(data: str, out: str | os.PathLike, *, resolution: int = 256,
         state.wait_for_everyone()
         meta = read_meta(out)
     if main:
-        log(f"wrote {out}: {s.num_items} items, raw_mean {np.round(meta['raw_mean'], 4).tolist()}, "
-            f"raw_std {np.round(meta['raw_std'], 4).tolist()}")
+        log.info(f"wrote {out}: {s.num_items} items, raw_mean {np.round(meta['raw_mean'], 4).tolist()}, "
+                 f"raw_std {np.round(meta['raw_std'], 4).tolist()}")
     return meta

@@ -10,6 +10,7 @@ peak GPU memory (the status log's maximum ``peak_mem_gib``; none on a CPU).
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from fewstep.registry import objectives
 from fewstep.train.status import status_records
 from fewstep.sweep.spec import POINTS_METRIC, SweepSpec
 from fewstep.sweep.worker import EVAL_FILE, grid_path, read_json
+
+log = logging.getLogger(__name__)
 
 METRIC_NAMES = {POINTS_METRIC: "SW2", "inception": "FID"}
 
@@ -147,29 +150,37 @@ def _cell(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def write_report(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = None) -> list[Path]:
-    """Write every report file from the member directories; returns their paths."""
-    from fewstep.images import make_grid, write_png
+def metric_chart(path: Path, metric: str, num: int, nfes: list[int] | tuple[int, ...],
+                 scores: dict[str, dict[str, float]]) -> Path:
+    """``metric_vs_nfe.png``: one line per member (member → NFE as a string → value), log NFE axis."""
     from fewstep.plots import Series, line_chart
 
-    import torch
+    label = metric_label(metric)
+    what = label if metric in label else f"{label} ({metric})"
+    series = [Series(name, list(nfes), [s.get(str(n), math.nan) for n in nfes]) for name, s in scores.items()]
+    return line_chart(path, series, title=f"{what} vs NFE, {num} samples per NFE",
+                      xlabel="NFE (network evaluations per sample)", ylabel=f"{label} (lower is better)",
+                      log_x=True, x_ticks=list(nfes))
+
+
+def write_report(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = None) -> list[Path]:
+    """Write every report file from the member directories; returns their paths. Without matplotlib the
+    two charts are left out with a warning naming the extra (the tables are still written)."""
+    from fewstep.plots import Panel, PlotsUnavailable, Series, panel_chart
 
     rows = collect(sweep_dir, spec, failed)
-    files = [sweep_dir / "results.csv", sweep_dir / "results.md", sweep_dir / "metric_vs_nfe.png",
-             sweep_dir / "loss_curves.png"]
+    files = [sweep_dir / "results.csv", sweep_dir / "results.md"]
     write_csv(files[0], spec, rows)
     write_atomic(files[1], markdown(spec, rows))
-    label = metric_label(spec.metric)
-    series = [Series(r.member, list(spec.nfe), [r.scores.get(str(n), math.nan) for n in spec.nfe]) for r in rows]
-    what = label if spec.metric in label else f"{label} ({spec.metric})"
-    write_png(files[2], line_chart(series, title=f"{what} vs NFE, {spec.num} samples", xlabel="NFE",
-                                   ylabel=label.split("-")[0], log_x=True, x_ticks=list(spec.nfe)))
-    panels = [line_chart([Series(r.member, [k for k, _ in r.losses], [v for _, v in r.losses])],
-                         title=f"{r.member} {r.loss_key}", xlabel="kimg", ylabel=r.loss_key, size=(360, 240),
-                         legend=False)
-              for r in rows]
-    ncol = min(len(panels), 3)
-    write_png(files[3], make_grid([torch.stack(panels)], ncol=ncol, pad=4))
+    try:
+        files.append(metric_chart(sweep_dir / "metric_vs_nfe.png", spec.metric, spec.num, spec.nfe,
+                                  {r.member: r.scores for r in rows}))
+        panels = [Panel(f"{r.member}: {r.loss_key}", r.loss_key,
+                        [Series(r.member, [k for k, _ in r.losses], [v for _, v in r.losses])]) for r in rows]
+        files.append(panel_chart(sweep_dir / "loss_curves.png", panels, xlabel="kimg (thousands of images seen)",
+                                 title="training curves (each objective's progress entry, on its own scale)"))
+    except PlotsUnavailable as exc:
+        log.warning(f"metric_vs_nfe.png and loss_curves.png not written: {exc}")
     return files + [grid_path(sweep_dir, m) for m in spec.members if grid_path(sweep_dir, m).is_file()]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -31,6 +32,8 @@ from fewstep.files import describe_os_error, write_atomic
 from fewstep.sweep.report import write_report
 from fewstep.sweep.spec import POINTS_METRIC, SweepError, SweepSpec, check_saved, member_config, resolve_metric
 from fewstep.sweep.worker import member_state, reference_path, run_member
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,7 +57,7 @@ class SweepResult:
     files: list[Path] = field(default_factory=list)
 
 
-def prepare(spec: SweepSpec, sweep_dir: Path, log: Callable[[str], None] = lambda message: None) -> SweepSpec:
+def prepare(spec: SweepSpec, sweep_dir: Path) -> SweepSpec:
     """Check every member's config (before any compute), resolve ``metric``, and save or compare ``sweep.json``
     (a changed budget is saved and logged: members then train on)."""
     from fewstep.data import load_dataset
@@ -66,11 +69,11 @@ def prepare(spec: SweepSpec, sweep_dir: Path, log: Callable[[str], None] = lambd
     kind = load_dataset(configs[0].data).spec.kind
     spec = dataclasses.replace(spec, metric=resolve_metric(spec, configs[0], kind))
     for change in check_saved(sweep_dir, spec):
-        log(f"budget changed ({change}): members train on from their checkpoints and are evaluated again")
+        log.info(f"budget changed ({change}): members train on from their checkpoints and are evaluated again")
     return spec
 
 
-def ensure_reference(spec: SweepSpec, sweep_dir: Path, log: Callable[[str], None]) -> None:
+def ensure_reference(spec: SweepSpec, sweep_dir: Path) -> None:
     """Make ``reference-<metric>.npz`` from the training split once (image metrics without ``spec.ref``)."""
     path = reference_path(sweep_dir, spec)
     if spec.metric == POINTS_METRIC or path.is_file():
@@ -80,12 +83,12 @@ def ensure_reference(spec: SweepSpec, sweep_dir: Path, log: Callable[[str], None
     from fewstep.eval import make_reference
 
     data = member_config(spec, spec.members[0]).data
-    log(f"reference statistics: {spec.metric} features of {data.name} ({data.split}) → {path.name}")
+    log.info(f"reference statistics: {spec.metric} features of {data.name} ({data.split}) → {path.name}")
     make_reference(data, path, extractor=spec.metric, num=spec.ref_num, show_progress=False)
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus: Sequence[str] | None = None,
-              eval_batch: int | None = None, log: Callable[[str], None] = print) -> SweepResult:
+              eval_batch: int | None = None) -> SweepResult:
     """Run (or resume) a sweep in ``sweep_dir`` and write its report.
 
     Args:
@@ -93,12 +96,11 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
         parallel: members at a time (per GPU when ``gpus`` is given).
         gpus: CUDA device ids to deal members to, one member per GPU at a time (× ``parallel``).
         eval_batch: images per sampler/extractor call (does not change the images).
-        log: where progress lines go.
     """
     sweep_dir = Path(sweep_dir)
     if parallel < 1:
         raise SweepError(f"--parallel must be ≥ 1, got {parallel}")
-    spec = prepare(spec, sweep_dir, log)
+    spec = prepare(spec, sweep_dir)
     if not gpus and not torch.cuda.is_available():   # GPU recipes on a CPU: refused before any member starts
         check_members_memory(spec, parallel)
     result = SweepResult(sweep_dir)
@@ -107,14 +109,14 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
         state = member_state(sweep_dir, spec, member, member_config(spec, member))
         (result.skipped if state.finished else todo).append(member.name)
     if result.skipped:
-        log(f"finished already, skipped: {', '.join(result.skipped)}")
+        log.info(f"finished already, skipped: {', '.join(result.skipped)}")
     if todo:
-        ensure_reference(spec, sweep_dir, log)
+        ensure_reference(spec, sweep_dir)
         slots = [g for g in (gpus or [None]) for _ in range(parallel)]
         if len(slots) == 1 and slots[0] is None and not torch.cuda.is_available():
-            _run_here(spec, sweep_dir, todo, result, eval_batch, log)
+            _run_here(spec, sweep_dir, todo, result, eval_batch)
         else:
-            _run_subprocesses(spec, sweep_dir, todo, slots, result, eval_batch, log)
+            _run_subprocesses(spec, sweep_dir, todo, slots, result, eval_batch)
     try:
         result.files = write_report(sweep_dir, spec, failed=result.failed)
     except OSError as exc:
@@ -155,31 +157,30 @@ def _signals(on_signal: Callable[[str], None]):
             signal.signal(s, handler)
 
 
-def _run_here(spec: SweepSpec, sweep_dir: Path, todo: list[str], result: SweepResult, eval_batch: int | None,
-              log: Callable[[str], None]) -> None:
+def _run_here(spec: SweepSpec, sweep_dir: Path, todo: list[str], result: SweepResult, eval_batch: int | None) -> None:
     """Members one after another in this process (training installs its own stop handlers)."""
     stop: list[str] = []
     with _signals(stop.append):
         for name in todo:
             if stop:
                 break
-            log(f"{name}: starting")
+            log.info(f"{name}: starting")
             t0 = time.time()
             try:
-                outcome = run_member(sweep_dir, spec, name, eval_batch=eval_batch, log=log)
+                outcome = run_member(sweep_dir, spec, name, eval_batch=eval_batch)
             except Exception as exc:   # one member's failure (e.g. divergence) is a result, not the end
                 try:
                     write_atomic(sweep_dir / name / "worker.log", traceback.format_exc())
                 except OSError:   # a full disk: the message below still says what failed
                     pass
                 result.failed[name] = f"{type(exc).__name__}: {exc}"
-                log(f"{name}: failed: {result.failed[name]}")
+                log.info(f"{name}: failed: {result.failed[name]}")
                 continue
             if outcome != "finished":
                 stop.append(outcome)
                 break
             result.ran.append(name)
-            log(f"{name}: finished in {time.time() - t0:.0f} s")
+            log.info(f"{name}: finished in {time.time() - t0:.0f} s")
     result.stopped = stop[0] if stop else None
 
 
@@ -209,7 +210,7 @@ def _progress_line(sweep_dir: Path, names: list[str]) -> str:
 
 
 def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[str], slots: list[str | None],
-                      result: SweepResult, eval_batch: int | None, log: Callable[[str], None],
+                      result: SweepResult, eval_batch: int | None,
                       progress_every: float = 60.0) -> None:
     """Members as subprocesses, ``len(slots)`` at a time; each slot pins its GPU, if any. The first
     SIGTERM/SIGINT is passed on once to every running member (they checkpoint and exit); a second one
@@ -234,7 +235,7 @@ def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[str], slots: 
                     proc = _launch(sweep_dir, name, slots[slot], threads, eval_batch)
                     running[slot] = (name, proc, time.time())
                     where = f" on GPU {slots[slot]}" if slots[slot] is not None else ""
-                    log(f"{name}: started{where} (pid {proc.pid}, log {sweep_dir / name / 'worker.log'})")
+                    log.info(f"{name}: started{where} (pid {proc.pid}, log {sweep_dir / name / 'worker.log'})")
                 for slot, (name, proc, t0) in list(running.items()):
                     code = proc.poll()
                     if code is None:
@@ -242,14 +243,14 @@ def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[str], slots: 
                     del running[slot]
                     if code == 0:
                         result.ran.append(name)
-                        log(f"{name}: finished in {time.time() - t0:.0f} s")
+                        log.info(f"{name}: finished in {time.time() - t0:.0f} s")
                     elif code in stop_codes and (stop or code > 0):
-                        log(f"{name}: stopped with a checkpoint; rerun to resume")
+                        log.info(f"{name}: stopped with a checkpoint; rerun to resume")
                     else:
                         result.failed[name] = f"exit code {code}; see {sweep_dir / name / 'worker.log'}"
-                        log(f"{name}: failed ({result.failed[name]})")
+                        log.info(f"{name}: failed ({result.failed[name]})")
                 if running and time.time() >= next_progress:
-                    log(_progress_line(sweep_dir, [name for name, _, _ in running.values()]))
+                    log.info(_progress_line(sweep_dir, [name for name, _, _ in running.values()]))
                     next_progress = time.time() + progress_every
                 time.sleep(0.2)
         finally:   # the sweep itself failed: leave no member running

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ from fewstep.checkpoints import latest_checkpoint
 from fewstep.config import RunConfig
 from fewstep.files import write_json
 from fewstep.sweep.spec import POINTS_METRIC, SPEC_FILE, Member, SweepSpec, member_config, spec_from_dict
+
+log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 
@@ -91,7 +94,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def run_member(sweep_dir: str | os.PathLike, spec: SweepSpec, name: str, *, eval_batch: int | None = None,
-               show_progress: bool = False, log: Callable[[str], None] = print) -> str:
+               show_progress: bool = False) -> str:
     """Bring member ``name`` to finished: train unless done, evaluate unless current.
 
     Returns:
@@ -105,18 +108,17 @@ def run_member(sweep_dir: str | os.PathLike, spec: SweepSpec, name: str, *, eval
     state = member_state(sweep_dir, spec, member, cfg)
     if not state.trained:
         if state.step:
-            log(f"{name}: resuming at {state.kimg:.3f} kimg (step {state.step})")
+            log.info(f"{name}: resuming at {state.kimg:.3f} kimg (step {state.step})")
         result = train(cfg, sweep_dir / name, show_progress=show_progress)
         if result.stopped:
             return result.stopped
         state = member_state(sweep_dir, spec, member, cfg)
     if not state.evaluated:
-        evaluate_member(sweep_dir, spec, member, eval_batch=eval_batch, log=log)
+        evaluate_member(sweep_dir, spec, member, eval_batch=eval_batch)
     return "finished"
 
 
-def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_batch: int | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_batch: int | None = None) -> dict[str, Any]:
     """Score the member's newest checkpoint at every NFE with ``spec.metric`` and draw its sample grid;
     writes ``eval.json`` last. Returns its body."""
     from fewstep.build import load_objective
@@ -134,7 +136,8 @@ def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_ba
         detail = evaluate_points(objective, held_out, run_dir, nfes=spec.nfe, num=spec.num, weights=weights,
                                  guidance=guidance)
         scores = detail["sliced_wasserstein"]
-        shutil.copyfile(run_dir / "samples" / "scatter.png", grid_path(sweep_dir, member))
+        if detail["scatter"] is not None:   # drawn when matplotlib is installed
+            shutil.copyfile(run_dir / "samples" / "scatter.png", grid_path(sweep_dir, member))
         extra = {"floor": detail["test_reference_floor"]}
     else:
         import fewstep.metrics.classifier  # noqa: F401  (registers fmnist-classifier)
@@ -153,20 +156,23 @@ def evaluate_member(sweep_dir: Path, spec: SweepSpec, member: Member, *, eval_ba
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "seconds": round(time.perf_counter() - t0, 2), **extra}
     write_json(run_dir / EVAL_FILE, body)
-    log(f"{member.name}: " + ", ".join(f"{spec.metric} {k} NFE {v:.4g}" for k, v in scores.items()))
+    log.info(f"{member.name}: " + ", ".join(f"{spec.metric} {k} NFE {v:.4g}" for k, v in scores.items()))
     return body
 
 
 def write_grid(objective: Any, spec: SweepSpec, path: Path, weights: str, guidance: float | None,
                autocast: bool) -> None:
     """One block of ``spec.grid`` images (seeds 0 … grid − 1) per NFE, top to bottom."""
-    from fewstep.images import make_grid, to_uint8, write_png
+    from fewstep.images import to_uint8
+    from fewstep.plots import step_label, write_grid as write_labelled_grid
     from fewstep.sample import sample
 
     seeds = list(range(spec.grid))
     blocks = [to_uint8(sample(objective, seeds, nfe, weights=weights, guidance=guidance, batch_size=256,
                               autocast=autocast).images) for nfe in spec.nfe]
-    write_png(path, make_grid(blocks))
+    member = path.stem[len("samples-"):]
+    write_labelled_grid(path, blocks, [step_label(n) for n in spec.nfe],
+                        title=f"{member}: seeds 0–{spec.grid - 1}, {weights} weights")
 
 
 def load_saved_spec(sweep_dir: Path) -> SweepSpec:
@@ -184,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-batch", type=int, default=None)
     args = ap.parse_args(argv)
     spec = load_saved_spec(args.sweep_dir)
-    outcome = run_member(args.sweep_dir, spec, args.member, eval_batch=args.eval_batch,
-                         log=lambda m: print(m, flush=True))
+    from fewstep.logs import setup_plain_logging
+
+    setup_plain_logging()   # plain lines on stdout: the sweep sends them to MEMBER/worker.log
+    outcome = run_member(args.sweep_dir, spec, args.member, eval_batch=args.eval_batch)
     return 0 if outcome == "finished" else 128 + int(getattr(signal, outcome, signal.SIGTERM))

@@ -25,13 +25,15 @@ from accelerate import Accelerator
 from fewstep.backbones.inputs import trusted_labels
 from fewstep.build import build_objective, build_optimizer, resolve, write_run_config
 from fewstep.compiling import compile_objective, set_activation_checkpointing
-from fewstep.config import RunConfig
+from fewstep.config import RunConfig, to_dict
 from fewstep.contracts import DataSpec
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
 from fewstep.files import describe_os_error
-from fewstep.images import make_grid, write_png
+from fewstep.images import make_grid
+from fewstep.plots import step_label, write_grid
 from fewstep.sample import output_decoder, sample
+from fewstep.schedules import TrainingSchedule
 from fewstep.train.checkpointer import Checkpointer
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
 from fewstep.train.distributed import Parallel
@@ -39,6 +41,7 @@ from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preempti
 from fewstep.train.resources import check_memory_on_all_ranks, cpu_threads, local_processes
 from fewstep.train.state import TrainState
 from fewstep.train.status import StatusLog, describe, peak_flops, where_it_runs
+from fewstep.train.trackers import Trackers, check_trackers
 
 __all__ = ["NonFiniteLossError", "RESUMABLE_CHANGES", "TrainResult", "check_config", "plan_batches", "train"]
 
@@ -105,6 +108,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
 
+    check_trackers(t.trackers)         # unknown or uninstalled trackers fail before any compute
     dataset = load_dataset(cfg.data)   # checked: not empty, labels in range, items shaped as the spec
     spec: DataSpec = dataset.spec
     check_memory_on_all_ranks(cfg, dataset, layout.batch_per_gpu, accelerator)   # a GPU recipe on a CPU: refused
@@ -136,10 +140,12 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     if opt_state is not None:
         parallel.load_optimizer_state(optimizer, opt_state, params)
     model, optimizer = parallel.prepare(objective, optimizer)
+    schedule = TrainingSchedule(t)   # lr warm-up/decay and EMA decays in kimg; a no-op with the defaults
     stream = BatchStream(dataset, layout.batch_per_gpu, seed=t.seed, rank=rank, world_size=layout.world,
                          num_workers=cfg.data.num_workers, device=device, start_position=state.data_position)
     batches = iter(stream)
     total_nimg = int(round(t.total_kimg * 1000))
+    trackers = Trackers(t.trackers, run_dir, to_dict(cfg), t.tracker_project, enabled=main)
     status = StatusLog(run_dir, t.total_kimg, state.kimg, enabled=main, show_progress=show_progress)
     preempt.notify = lambda name: status.print(
         f"received {name}: stopping after this step with a checkpoint (press Ctrl-C again to abort at once; "
@@ -173,7 +179,9 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         blocks = [to_pixels(sample(obj, seeds, nfe, weights=cfg.sample.weights, guidance=cfg.sample.guidance,
                                   autocast=cuda and t.precision == "bf16").images) for nfe in cfg.sample.nfe]
         try:
-            write_png(run_dir / "samples" / f"{tag}.png", make_grid(blocks))
+            write_grid(run_dir / "samples" / f"{tag}.png", blocks, [step_label(n) for n in cfg.sample.nfe],
+                       title=f"{tag}: seeds 0–{len(seeds) - 1}, {cfg.sample.weights} weights")
+            trackers.log_image(f"samples/{tag}", make_grid(blocks), state.step)
         except OSError as exc:
             status.event({"event": "grid_failed", "error": str(exc)},
                          f"warning: sample grid {tag} not written: {describe_os_error(exc)}")
@@ -245,6 +253,9 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             if bad:
                 optimizer.zero_grad(set_to_none=True)
             else:
+                lr = schedule.apply(optimizer, accelerator.unwrap_model(model), state.nimg + t.batch)
+                if schedule.varies:
+                    step_logs["lr"] = torch.tensor(lr, device=device)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.unwrap_model(model).after_step()
@@ -275,6 +286,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 last_loss = record.get("loss", last_loss)
                 status.report(record)
+                trackers.log(record, state.step)
                 sums, ticks, tick_start, tick_nimg = {}, 0, time.time(), state.nimg
                 next_at["status"] = _next(state.nimg, interval["status"])
             if state.nimg >= next_at["sample"] and not done and spec.kind != "points":
@@ -319,6 +331,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             grid("final")
     finally:
         status.close()
+        trackers.finish()
     parallel.finish()   # keeps the process group for another train() in this process; destroyed at exit
     return TrainResult(run_dir=run_dir, step=state.step, kimg=state.kimg, loss=last_loss, checkpoint=last_ckpt,
                        stopped=stopped, skipped_steps=state.skipped_steps, budget_reached=over)
