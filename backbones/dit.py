@@ -2,7 +2,7 @@
 
 ``F(x, t, s, y, guidance)``: patchify → transformer blocks with adaLN-Zero modulation → final layer →
 unpatchify. The variant switches of Terminal Velocity Matching (Zhou et al., 2025; see
-``specs/tvm.md`` §2) are config fields: RMSNorm pre-norms, QK-norm, RMS-normalised modulation,
+``docs/design/tvm.md`` §2) are config fields: RMSNorm pre-norms, QK-norm, RMS-normalised modulation,
 spectral init, and separate embedders for the gap ``t − s`` and the guidance input. Flavours
 (``dit-debug`` … ``dit-xl``) are registered in :data:`fewstep.registry.backbones`.
 """

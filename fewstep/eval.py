@@ -1,6 +1,6 @@
 """FID evaluation under the papers' protocol, on any number of processes (``fewstep eval``, ``fewstep fid-ref``).
 
-Protocol (``tvm.md`` §5, edm2/ADM): ``num`` images (50 000 for the published numbers) from sample seeds
+Protocol (``docs/design/tvm.md`` §5, edm2/ADM): ``num`` images (50 000 for the published numbers) from sample seeds
 ``seed … seed + num − 1`` with the EMA weights, each image from its own seed's generator
 (:func:`fewstep.sample.seed_noise_and_labels`: prior noise and a uniformly random class), so image i is
 the same whatever the batch size or the number of processes. Images are quantised to uint8 exactly as
@@ -236,7 +236,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
         raise ValueError("FID needs images; this run generates points (see metrics.json of the toy evaluation)")
     from fewstep.sample import output_decoder
 
-    decode = output_decoder(cfg.data, spec, device=acc.device)     # latents: VAE-decoded as tvm.md §4
+    decode = output_decoder(cfg.data, spec, device=acc.device)     # latents: VAE-decoded as docs/design/tvm.md §4
     if kind == "latents":
         expected = {**ex.metadata(), "resolution": decode.fmt.resolution, "channels": 3}
     else:

@@ -18,7 +18,7 @@ def to_uint8(images: Tensor, rounding: Literal["round", "truncate"] = "round") -
 
     ``round``: ``round((x + 1) · 127.5)``, clamped (pixel datasets stored as ``u8 / 127.5 − 1`` round-trip
     exactly). ``truncate``: ``(x · 0.5 + 0.5)`` clamped to [0, 1], ×255, cast by truncation — what the
-    official TVM/EDM2 code does to VAE decoder outputs (``tvm.md`` §4).
+    official TVM/EDM2 code does to VAE decoder outputs (``docs/design/tvm.md`` §4).
     """
     images = images.detach().float().cpu()
     if rounding == "truncate":

@@ -4,7 +4,7 @@ Image *i* depends only on its seed (noise and label are drawn from a generator s
 the same whatever the batch size or the number of devices (edm2's per-seed generators).
 
 Samples are in data units: pixels in ≈ [−1, 1], or normalised VAE latents for latent datasets.
-:func:`output_decoder` turns either into uint8 images (for latents: the VAE decoder, ``tvm.md`` §4);
+:func:`output_decoder` turns either into uint8 images (for latents: the VAE decoder, ``docs/design/tvm.md`` §4);
 pass it as ``sample(..., decode=...)`` to decode chunk by chunk on the sampling device.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def output_decoder(data: Any, spec: DataSpec | dict, *, device: torch.device | s
 
     Pixels: :func:`fewstep.images.to_uint8` (rounded). Latents (``spec.kind == "latents"``): a
     :class:`fewstep.data.vae.LatentDecoder` for the data config's latent format — denormalise with the
-    recorded per-channel constants, VAE-decode (fp16 on CUDA), truncate to uint8 (``tvm.md`` §4); the
+    recorded per-channel constants, VAE-decode (fp16 on CUDA), truncate to uint8 (``docs/design/tvm.md`` §4); the
     VAE (``vae``, else ``$FEWSTEP_VAE``, else the format's) is loaded on first use.
 
     Args:

@@ -1,7 +1,7 @@
 """Triton kernels of JVP flash attention: forward (primal, fused primal + tangent, tangent given LSE),
 the O(N·d) backward preprocess, and the two backward passes (KV-stationary, Q-stationary).
 
-Math (``../shared/specs/jvp-attention.md`` §1), per (batch, head), scale s, ``S = s·QKᵀ``,
+Math (``docs/design/jvp-attention.md`` §1), per (batch, head), scale s, ``S = s·QKᵀ``,
 ``tS = s·(tQ Kᵀ + Q tKᵀ)``, ``P = softmax(S)``, ``μ = rowsum(P∘tS)`` (the tangent of the LSE):
 
 * forward: ``O = P V``, ``tO = (P∘tS) V − μ∘O + P tV``, streamed over key tiles with a running max

@@ -1,6 +1,6 @@
 """Easy Consistency Tuning (ECT; Geng et al., "Consistency Models Made Easy", arXiv 2406.14548).
 
-Discrete consistency training in EDM σ (specs/objectives.md §4, §4.2; official locuslab/ect
+Discrete consistency training in EDM σ (docs/design/objectives.md §4, §4.2; official locuslab/ect
 ``training/loss.py: ECMLoss``), with the boundary-respecting CM preconditioning of :mod:`.edm`:
 
 1. σ_t ~ lognormal: ln σ_t ~ N(P_mean, P_std²) (CIFAR −1.1, 2.0; IN-64 −0.8, 1.6), truncated to
@@ -50,7 +50,7 @@ SIGMA_P = 1.0   # the toolkit prior std: x_t = (1 − t)·x + t·ε with ε ~ N(
 
 @dataclass(kw_only=True)
 class ECTConfig(ObjectiveConfig):
-    """ECT settings (defaults: the CIFAR-10 ECM recipe, spec §4.2).
+    """ECT settings (defaults: the CIFAR-10 ECM recipe, docs/design/objectives.md §4.2).
 
     Attributes:
         sigma_data: σ_d of the preconditioning (data std; 0.5 for pixels in [−1, 1]).

@@ -2,13 +2,13 @@
 
 Toolkit time (t = 1 noise): x_t = (1 − t)·x + t·σ_p·ε, with σ_p the prior std (1 in this toolkit: the
 sampler starts from N(0, I)). EDM (Karras et al. 2022) writes the same state as x_σ = x + σ·ε. The two are
-the same point up to a scale (specs/objectives.md §8.3):
+the same point up to a scale (docs/design/objectives.md §8.3):
 
     σ = σ_p·t / (1 − t),    t = σ / (σ + σ_p),    x_σ = x_t / (1 − t).
 
 t = 1 is σ = ∞, so EDM's σ_max = 80 is t_max = σ_max / (σ_max + σ_p) = 80/81 ≈ 0.98765 for σ_p = 1.
 
-Consistency preconditioning (Song et al. 2023 / iCT / ECT at evaluation; spec §4):
+Consistency preconditioning (Song et al. 2023 / iCT / ECT at evaluation; docs/design/objectives.md §4):
 
     f_θ(x_σ, σ) = c_skip(σ)·x_σ + c_out(σ)·F_θ(c_in(σ)·x_σ, t(σ)),
     c_skip = σ_d² / ((σ − σ_min)² + σ_d²),   c_out = (σ − σ_min)·σ_d / √(σ² + σ_d²),

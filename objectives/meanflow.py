@@ -2,7 +2,7 @@
 
 With t = 1 noise: z_t = (1 − t)·x + t·ε, v = ε − x. The network predicts the *average* velocity over a
 jump t → r ≤ t, u(z_t, t, r) = 1/(t − r) ∫_r^t v(z_τ, τ) dτ, so z_r = z_t − (t − r)·u. Differentiating
-(t − r)·u = ∫_r^t v dτ in t gives the MeanFlow identity (paper Eq. 6, specs/objectives.md §2.1)
+(t − r)·u = ∫_r^t v dτ in t gives the MeanFlow identity (paper Eq. 6, docs/design/objectives.md §2.1)
 
     u(z_t, t, r) = v(z_t, t) − (t − r)·du/dt,        du/dt = v·∂_z u + ∂_t u   (∂_r u has tangent 0).
 

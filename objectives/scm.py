@@ -1,4 +1,4 @@
-"""Continuous-time consistency training, sCT (Lu & Song 2024, "sCM"; spec objectives.md §3).
+"""Continuous-time consistency training, sCT (Lu & Song 2024, "sCM"; docs/design/objectives.md §3).
 
 Everything is TrigFlow inside the objective and our convention at its boundary (§8.3, :mod:`.trigflow`).
 TrigFlow: x_τ = cos τ·x₀ + sin τ·z, z = σ_d·ε, τ ∈ [0, π/2]. Consistency function (§3.1)

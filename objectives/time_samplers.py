@@ -2,7 +2,7 @@
 
 Convention: t = 1 is noise, t = 0 is data; a jump goes from t down to s ≤ t with gap g = t − s ≥ 0.
 
-The *gap\\** sampler of Terminal Velocity Matching (Zhou et al. 2025, Table 3 / Fig. 9; ``specs/tvm.md``
+The *gap\\** sampler of Terminal Velocity Matching (Zhou et al. 2025, Table 3 / Fig. 9; ``docs/design/tvm.md``
 §1.3, the official ``sample_ts``):
 
 1. gap  g = σ(n), n ~ N(gap_mean, gap_std²)                        (logit-normal);
@@ -12,7 +12,7 @@ The *gap\\** sampler of Terminal Velocity Matching (Zhou et al. 2025, Table 3 / 
 4. FM time s′ ~ logit-normal(s_mean, s_std), independent of (t, s) (the "*").
 
 With the defaults (−0.8, 1), (−0.4, 1): E t ≈ 0.687, E s ≈ 0.347, E g ≈ 0.340, E s′ ≈ 0.418 and
-P(g > 0.5) = Φ(−0.8) ≈ 0.21 (tvm.md §1.3 table).
+P(g > 0.5) = Φ(−0.8) ≈ 0.21 (docs/design/tvm.md §1.3 table).
 """
 from __future__ import annotations
 

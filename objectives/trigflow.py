@@ -3,7 +3,7 @@
 Ours: ``x_t = (1 − t)·x + t·σ_p·ε`` (t = 1 noise, σ_p = prior std, 1 in fewstep).
 TrigFlow: ``x_τ = cos τ·x + sin τ·σ_d·ε``, τ ∈ [0, π/2] (σ_d = data std, 0.5 for pixels in [−1, 1]).
 With the *same* x and ε, the two states describe the same noise level when their EDM σ agree,
-``σ = σ_p·t/(1 − t) = σ_d·tan τ`` (spec objectives.md §8.3), so
+``σ = σ_p·t/(1 − t) = σ_d·tan τ`` (docs/design/objectives.md §8.3), so
 
     τ = atan2(σ_p·t, σ_d·(1 − t)),            t = σ_d·sin τ / (σ_p·cos τ + σ_d·sin τ),
     x_t = k(τ)·x_τ,  k(τ) = σ_p / (σ_p·cos τ + σ_d·sin τ)   (= (1 − t)/cos τ = t·σ_p/(σ_d·sin τ)).

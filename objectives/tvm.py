@@ -1,6 +1,6 @@
 """Terminal Velocity Matching (Zhou, Parger, Haque & Song 2025, arXiv 2511.19797), as the official code.
 
-Notation (``specs/tvm.md`` §1; t = 1 noise, t = 0 data, x_t = (1 − t)·x₀ + t·ε, a jump goes t → s ≤ t).
+Notation (``docs/design/tvm.md`` §1; t = 1 noise, t = 0 data, x_t = (1 − t)·x₀ + t·ε, a jump goes t → s ≤ t).
 The network F_θ(x, t, g = t − s, c, β) is called as ``net(x, t, s, y=c, guidance=β)`` (the DiT embeds
 the gap t − s itself); β = 1/w is the inverse CFG scale and k = w with the scaled parameterisation
 (``scaled``), else k = 1 (§1.2).

@@ -1,4 +1,4 @@
-"""ImageNet TVM recipes matching the paper's Table 6 and the official configs (``tvm.md`` §2.4, §3).
+"""ImageNet TVM recipes matching the paper's Table 6 and the official configs (``docs/design/tvm.md`` §2.4, §3).
 
 All four: DiT-XL/2 with 18 heads and TVM's architecture (RMSNorm pre-norms, QK RMS-norm, modulation
 RMS-norm, spectral init), gap* time sampler, EMA teacher 0.99, eval EMA 0.9999, label dropout 0.1,
@@ -8,7 +8,7 @@ They train on SD-VAE latents (4×32×32 at 256 px, 4×64×64 at 512 px) from the
 ``imagenet-latents-512`` datasets (:mod:`fewstep.data.latents`): a directory written once by
 ``fewstep prepare --data imagefolder:IMAGENET/train --resolution R --out DIR``, found through ``data.root``
 or ``$FEWSTEP_DATA``. Every step draws a fresh latent from the stored posterior and normalises it with the
-``tvm.md`` §3 constants (:data:`~fewstep.data.latents.IMAGENET_256`, ``IMAGENET_512``; final std 1);
+``docs/design/tvm.md`` §3 constants (:data:`~fewstep.data.latents.IMAGENET_256`, ``IMAGENET_512``; final std 1);
 samples decode with ``stabilityai/sd-vae-ft-ema`` to uint8 by truncation (§4).
 """
 from __future__ import annotations

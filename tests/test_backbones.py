@@ -1,4 +1,4 @@
-"""The DiT family: shapes, parameter counts (tvm.md §2.3), initialisation, JVP, errors, registry."""
+"""The DiT family: shapes, parameter counts (docs/design/tvm.md §2.3), initialisation, JVP, errors, registry."""
 import dataclasses
 import math
 
@@ -86,7 +86,7 @@ def test_unpatchify_inverts_patch_order():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parameter counts (tvm.md §2.3: 4-channel 32×32 latents, 1000 classes), built on the meta device
+# Parameter counts (docs/design/tvm.md §2.3: 4-channel 32×32 latents, 1000 classes), built on the meta device
 # ---------------------------------------------------------------------------------------------------
 def counts(cfg: DiTConfig, size: int = 32) -> tuple[float, float]:
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Latent datasets: the normalisation (tvm.md §3), the prepared-directory reader, a fresh latent per step in
+"""Latent datasets: the normalisation (docs/design/tvm.md §3), the prepared-directory reader, a fresh latent per step in
 the batch stream (seeded by stream position, so resuming continues it), decoding to uint8 (§4), and the
 ImageNet datasets and recipes."""
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_normalisation_matches_formula_and_round_trips(final_std):
     x = fmt.normalize(z)
     torch.testing.assert_close(x, (z - mean) / std * final_std, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(fmt.denormalize(x), z, rtol=1e-14, atol=1e-13)
-    scale, bias = fmt.scale_bias(z)   # tvm.md §4: scale = final_std/raw_std, bias = −raw_mean·scale
+    scale, bias = fmt.scale_bias(z)   # docs/design/tvm.md §4: scale = final_std/raw_std, bias = −raw_mean·scale
     torch.testing.assert_close(scale, final_std / std)
     torch.testing.assert_close(bias, -mean * final_std / std)
     with pytest.raises(DataError, match="positive raw_std"):
@@ -157,7 +157,7 @@ def test_stream_resume_prefetch_and_ranks_give_the_same_latents(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decoding (tvm.md §4) and sampling to uint8
+# Decoding (docs/design/tvm.md §4) and sampling to uint8
 # ---------------------------------------------------------------------------------------------------
 def test_truncation_not_rounding():
     y = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 6)

@@ -177,7 +177,7 @@ def test_detach_jvp_same_loss_no_gradient_through_the_tangent():
 
 def test_time_sampler_matches_the_official_statistics():
     times = gap_star(1_000_000, generator=torch.Generator().manual_seed(0))
-    table = {   # tvm.md §1.3: mean, 1 / 10 / 50 / 90 / 99 % quantiles
+    table = {   # docs/design/tvm.md §1.3: mean, 1 / 10 / 50 / 90 / 99 % quantiles
         "t": (0.687, 0.214, 0.398, 0.709, 0.941, 0.994), "s": (0.347, 0.052, 0.130, 0.326, 0.598, 0.779),
         "gap": (0.340, 0.042, 0.111, 0.310, 0.618, 0.820), "s_prime": (0.418, 0.062, 0.157, 0.402, 0.707, 0.873)}
     q = torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99], dtype=torch.float64)

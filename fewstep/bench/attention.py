@@ -1,6 +1,6 @@
 """``fewstep bench attention``: the Triton JVP flash-attention kernels against PyTorch, same process.
 
-Protocol of ``jvp-attention.md`` §5.8. Per shape (B, H, N, d), bf16 by default, non-causal unless
+Protocol of ``docs/design/jvp-attention.md`` §5.8. Per shape (B, H, N, d), bf16 by default, non-causal unless
 marked: our fused forward (O, tO), backward through both outputs, gT-only and gO-only backward, the
 whole step (forward + backward through both), and the ``torch.func.jvp`` adapter path end to end;
 next to PyTorch's math-SDPA JVP step (skipped when its N² buffers would not fit) and flash SDPA's

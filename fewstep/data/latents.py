@@ -1,12 +1,12 @@
 """Prepared VAE latents as a training dataset: a fresh latent from the stored posterior at every draw.
 
 Per image the directory holds the SD-VAE posterior mean μ and standard deviation σ, each (C, h, w) with
-h = resolution / 8 (``tvm.md`` §3). Every training draw samples ``z = μ + σ·ε`` (ε ~ N(0, I)) and
+h = resolution / 8 (``docs/design/tvm.md`` §3). Every training draw samples ``z = μ + σ·ε`` (ε ~ N(0, I)) and
 normalises it per channel::
 
     x = (z − raw_mean) / raw_std · final_std          (final_std = 1, no 0.18215 factor)
 
-Decoding (``tvm.md`` §4) undoes it, ``z = (x − bias) / scale`` with ``scale = final_std / raw_std`` and
+Decoding (``docs/design/tvm.md`` §4) undoes it, ``z = (x − bias) / scale`` with ``scale = final_std / raw_std`` and
 ``bias = −raw_mean · scale``, and runs the VAE decoder (:mod:`fewstep.data.vae`).
 
 Datasets registered here: ``latents:DIR`` (a directory from ``fewstep prepare``, normalised with the
@@ -33,13 +33,13 @@ from fewstep.data.base import DataError, DataNotFoundError
 from fewstep.data.store import META_FILE, ArrowLatents, TensorLatents, read_meta
 from fewstep.registry import datasets as registry
 
-DECODER_VAE = "stabilityai/sd-vae-ft-ema"   # tvm.md §3: the VAE the official code decodes with
+DECODER_VAE = "stabilityai/sd-vae-ft-ema"   # docs/design/tvm.md §3: the VAE the official code decodes with
 _ITEM_SEED = 0x5DEECE66D                   # decorrelates __getitem__'s per-index draws from other streams
 
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """How normalised latents relate to a VAE (``tvm.md`` §3–4).
+    """How normalised latents relate to a VAE (``docs/design/tvm.md`` §3–4).
 
     Attributes:
         vae: diffusers ``AutoencoderKL`` used to decode (hub id or local directory).
@@ -96,7 +96,7 @@ IMAGENET_256 = LatentFormat(vae=DECODER_VAE, resolution=256, latent_shape=(4, 32
                             raw_std=(4.85503674, 5.31922414, 3.93725398, 3.9870003))
 IMAGENET_512 = LatentFormat(vae=DECODER_VAE, resolution=512, latent_shape=(4, 64, 64),
                             raw_mean=(1.56, -0.695, 0.483, 0.729), raw_std=(5.27, 5.91, 4.21, 4.31))
-IMAGENET_FORMATS = {256: IMAGENET_256, 512: IMAGENET_512}   # tvm.md §3 table (512 px: EDM2's values)
+IMAGENET_FORMATS = {256: IMAGENET_256, 512: IMAGENET_512}   # docs/design/tvm.md §3 table (512 px: EDM2's values)
 
 
 def format_from_meta(meta: dict) -> LatentFormat:

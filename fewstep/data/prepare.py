@@ -1,6 +1,6 @@
 """``fewstep prepare``: encode an image dataset with a VAE into a prepared-latents directory.
 
-Pipeline (``tvm.md`` §3, "dataset prep"): ADM centre crop to ``resolution`` (:func:`~fewstep.data.hf.
+Pipeline (``docs/design/tvm.md`` §3, "dataset prep"): ADM centre crop to ``resolution`` (:func:`~fewstep.data.hf.
 center_crop`), pixels ``u8 / 127.5 − 1``, VAE encoder in fp32, posterior mean and std stored per image
 with its label, then the per-channel mean and std of sampled latents ``z = mean + std·ε``.
 

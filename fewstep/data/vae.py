@@ -1,7 +1,7 @@
 """The VAE: a diffusers ``AutoencoderKL`` (the ``fewstep[latent]`` extra), imported only here, lazily.
 
-Encoding (``tvm.md`` §3): pixels ``u8 / 127.5 − 1`` → encoder in fp32 → posterior mean and std (raw, no
-0.18215 factor). Decoding (``tvm.md`` §4): undo the per-channel normalisation, run the decoder (fp16 on
+Encoding (``docs/design/tvm.md`` §3): pixels ``u8 / 127.5 − 1`` → encoder in fp32 → posterior mean and std (raw, no
+0.18215 factor). Decoding (``docs/design/tvm.md`` §4): undo the per-channel normalisation, run the decoder (fp16 on
 CUDA, fp32 on the CPU), map ``y`` to ``(y·0.5 + 0.5)`` clamped to [0, 1], ×255, truncated to uint8.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def decode_raw(vae: Any, z: Tensor) -> Tensor:
 
 
 class LatentDecoder:
-    """Normalised latents → uint8 images, as ``tvm.md`` §4; the VAE is loaded on the first call.
+    """Normalised latents → uint8 images, as ``docs/design/tvm.md`` §4; the VAE is loaded on the first call.
 
     Args:
         fmt: the latent format (normalisation constants and the VAE to decode with).
@@ -127,7 +127,7 @@ class LatentDecoder:
         return self._vae
 
     def __call__(self, x: Tensor) -> Tensor:
-        """x (N, C, h, w) normalised latents → (N, 3, R, R) uint8 (truncated, ``tvm.md`` §4)."""
+        """x (N, C, h, w) normalised latents → (N, 3, R, R) uint8 (truncated, ``docs/design/tvm.md`` §4)."""
         want = tuple(self.fmt.latent_shape)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"latents must be (N, {', '.join(map(str, want))}), got {tuple(x.shape)}")
