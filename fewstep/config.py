@@ -190,7 +190,7 @@ class TrainConfig:
                               "ema_power_std share one set of names)")
         for name, beta in self.ema_betas.items():
             if not 0 <= beta < 1:
-                raise ConfigError(f"train.ema_betas[{name!r}] must be in [0, 1), got {beta}")
+                raise ConfigError(f"train.ema_betas[{name!r}] must be a decay in [0, 1), got {beta}")
         for name, h in self.ema_halflife_kimg.items():
             if not h > 0:
                 raise ConfigError(f"train.ema_halflife_kimg[{name!r}] must be > 0, got {h}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,15 +25,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from fewstep.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 PLOTS_EXTRA = "pip install 'fewstep[plots]'"
 DPI = 100
 
-
 class PlotsUnavailable(ImportError):
     """matplotlib is not installed."""
-
 
 def _figure(width_px: float, height_px: float) -> Any:
     """An Agg-backed matplotlib Figure of the given size in pixels."""
@@ -48,21 +47,9 @@ def _figure(width_px: float, height_px: float) -> Any:
     FigureCanvasAgg(fig)
     return fig
 
-
 def _save(fig: Any, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG at its own size and DPI, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 # ---------------------------------------------------------------------------------------------------
 # Line charts
@@ -76,12 +63,10 @@ class Series:
     x: Sequence[float]
     y: Sequence[float]
 
-
 def _auto_log(series: Sequence[Series]) -> bool:
     """Log y when every finite y is positive and they span more than 20×."""
     ys = [float(v) for s in series for v in s.y if math.isfinite(float(v))]
     return bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 20
-
 
 def _draw_lines(ax: Any, series: Sequence[Series], *, log_x: bool, log_y: bool | None,
                 x_ticks: Sequence[float] | None) -> None:
@@ -98,7 +83,6 @@ def _draw_lines(ax: Any, series: Sequence[Series], *, log_x: bool, log_y: bool |
         ax.set_xticks(list(x_ticks), [f"{v:g}" for v in x_ticks])
         ax.minorticks_off()
     ax.grid(True, which="major", alpha=0.3)
-
 
 def line_chart(path: str | os.PathLike, series: Sequence[Series], *, title: str = "", xlabel: str = "",
                ylabel: str = "", log_x: bool = False, log_y: bool | None = None,
@@ -121,7 +105,6 @@ def line_chart(path: str | os.PathLike, series: Sequence[Series], *, title: str 
     fig.tight_layout()
     return _save(fig, path)
 
-
 @dataclass
 class Panel:
     """One panel of :func:`panel_chart`: its title, y label and lines."""
@@ -129,7 +112,6 @@ class Panel:
     title: str
     ylabel: str
     series: Sequence[Series]
-
 
 def panel_chart(path: str | os.PathLike, panels: Sequence[Panel], *, xlabel: str = "", title: str = "",
                 ncols: int = 3, panel_size: tuple[int, int] = (400, 280)) -> Path:
@@ -152,7 +134,6 @@ def panel_chart(path: str | os.PathLike, panels: Sequence[Panel], *, xlabel: str
     fig.tight_layout()
     return _save(fig, path)
 
-
 # ---------------------------------------------------------------------------------------------------
 # Scatter plots
 # ---------------------------------------------------------------------------------------------------
@@ -161,7 +142,6 @@ def default_extent(points: Tensor, margin: float = 1.1) -> tuple[float, float]:
     finite = points[torch.isfinite(points).all(dim=1)] if points.numel() else points
     half = float(finite.detach().abs().max()) * margin if finite.numel() else 1.0
     return (-half, half) if half > 0 else (-1.0, 1.0)
-
 
 def scatter_png(path: str | os.PathLike, point_sets: Sequence[Tensor], titles: Sequence[str] | None = None,
                 extent: tuple[float, float] | None = None, title: str = "", panel_px: int = 300) -> Path:
@@ -200,7 +180,6 @@ def scatter_png(path: str | os.PathLike, point_sets: Sequence[Tensor], titles: S
     fig.tight_layout()
     return _save(fig, path)
 
-
 # ---------------------------------------------------------------------------------------------------
 # Sample grids with labelled blocks
 # ---------------------------------------------------------------------------------------------------
@@ -211,10 +190,8 @@ class GridLayout:
     left: int
     top: int
 
-
 def step_label(nfe: int) -> str:
     return f"{nfe} step" + ("s" if nfe != 1 else "")
-
 
 def labelled_grid_png(path: str | os.PathLike, blocks: list[Tensor], labels: Sequence[str], title: str = "",
                       ncol: int | None = None) -> GridLayout:
@@ -251,9 +228,7 @@ def labelled_grid_png(path: str | os.PathLike, blocks: list[Tensor], labels: Seq
     _save(fig, path)
     return GridLayout(left=left, top=top)
 
-
 _warned_unlabelled = False
-
 
 def write_grid(path: str | os.PathLike, blocks: list[Tensor], labels: Sequence[str], title: str = "") -> Path:
     """A sample grid labelled by :func:`labelled_grid_png`; without matplotlib the bare grid

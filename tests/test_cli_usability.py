@@ -50,7 +50,7 @@ def test_help_shows_flags_as_flags_and_whole_sentences():
     assert res.exit_code == 0
     assert "<bool>" not in res.output
     line = next(x for x in res.output.splitlines() if "--dry-run" in x)
-    assert "Print the resolved config" in line
+    assert "Check everything that can be checked without training" in line
     # A docstring's source line breaks are not help line breaks: at 200 columns the paragraph is one line.
     res = run("compare", "--help", env={"COLUMNS": "400"})
     assert "differ (separating those that change only how a run executes" in res.output

@@ -109,9 +109,9 @@ def test_a_sweep_report_on_a_full_disk_is_one_error_and_a_rerun_writes_it(disk, 
     monkeypatch.setattr(sweep_run, "write_report", lambda *a, **k: (fill(disk), real(*a, **k))[1])
     with pytest.raises(SweepError, match=r"could not write the sweep's report .*No space left on device.*rerun the "
                                          r"same command: it only writes the report"):
-        run_sweep(spec, disk / "sweep", log=lambda m: None)
+        run_sweep(spec, disk / "sweep")
     assert not [p for p in (disk / "sweep").iterdir() if p.name.startswith(".")]   # no half-written report
     (disk / FILLER).unlink()
     monkeypatch.undo()
-    again = run_sweep(spec, disk / "sweep", log=lambda m: None)
+    again = run_sweep(spec, disk / "sweep")
     assert again.skipped == ["fm"] and (disk / "sweep" / "results.md").is_file()

@@ -67,8 +67,6 @@ def check_config(cfg: RunConfig) -> None:
         (t.cpu_threads is None or t.cpu_threads >= 1, f"train.cpu_threads must be ≥ 1 (or none: auto), got {t.cpu_threads}"),
         *[(getattr(t, name) >= 0, f"train.{name} must be ≥ 0, got {getattr(t, name)}")
           for name in ("status_kimg", "checkpoint_kimg", "sample_kimg")],
-        *[(0 <= beta < 1, f"train.ema_betas[{name!r}] must be a decay in [0, 1), got {beta}")
-          for name, beta in t.ema_betas.items()],
         (len(s.nfe) > 0 and all(n >= 1 for n in s.nfe), f"sample.nfe must be ≥ 1 jumps each, got {list(s.nfe)}"),
         (s.num_images >= 1, f"sample.num_images must be ≥ 1, got {s.num_images}"),
         (s.weights == "online" or s.weights in t.ema_betas,
