@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import json
 import os
 import shlex
@@ -221,16 +222,24 @@ def test_ctrl_c_without_out_prints_the_command_that_resumes(fashion_dir, tmp_pat
 
 
 def test_status_lines_go_out_as_they_happen_when_the_output_is_a_file(tmp_path):
+    from rich.logging import RichHandler
+
+    from fewstep.logs import _install, setup_plain_logging
+
     out = io.StringIO()
-    status = StatusLog(tmp_path, total_kimg=1.0, start_kimg=0.0, console=Console(file=out, width=200))
-    assert status.progress is None                                               # not a terminal: no live bar
-    status.report({"step": 5, "kimg": 0.08, "loss": 0.5, "img_per_s": 100.0})
-    assert "step       5  kimg    0.080/1  loss 0.5000  100 img/s" in out.getvalue()   # at once, not at the end
-    terminal = StatusLog(tmp_path, total_kimg=1.0, start_kimg=0.0,
-                         console=Console(file=io.StringIO(), force_terminal=True, width=200))
-    terminal.advance(0.25)                                                      # every step moves bar and ETA
-    assert terminal.progress.tasks[0].completed == 0.25
-    terminal.close()
+    setup_plain_logging(stream=out)                                              # `> log 2>&1`, sbatch, tee
+    try:
+        status = StatusLog(tmp_path, total_kimg=1.0, start_kimg=0.0)
+        assert status.progress is None                                           # no live bar into a file
+        status.report({"step": 5, "kimg": 0.08, "loss": 0.5, "img_per_s": 100.0})
+        assert "step       5  kimg    0.080/1  loss 0.5000  100 img/s" in out.getvalue()   # at once
+        _install(RichHandler(console=Console(file=io.StringIO(), force_terminal=True, width=200)), 20)
+        terminal = StatusLog(tmp_path, total_kimg=1.0, start_kimg=0.0)
+        terminal.advance(0.25)                                                   # every step moves bar and ETA
+        assert terminal.progress.tasks[0].completed == 0.25
+        terminal.close()
+    finally:
+        logging.getLogger("fewstep").handlers.clear()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class Checkpointer:
                 f"could not write {where}: {describe_os_error(exc)}. The newest checkpoint ({newest}) is intact; "
                 f"{fix}, then run `{self.resume}` to resume from it") from exc
         self.status.event({"event": "save_failed", "step": state.step, "kimg": state.kimg, "error": str(exc)},
-                          f"warning: could not write {where}: {describe_os_error(exc)}; the training state is "
+                          f"could not write {where}: {describe_os_error(exc)}; the training state is "
                           f"still in memory and the newest checkpoint ({newest}) is untouched. Training goes "
                           f"on and saving is retried at the next checkpoint interval")
         return None

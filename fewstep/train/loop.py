@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -147,14 +148,15 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     total_nimg = int(round(t.total_kimg * 1000))
     trackers = Trackers(t.trackers, run_dir, to_dict(cfg), t.tracker_project, enabled=main)
     status = StatusLog(run_dir, t.total_kimg, state.kimg, enabled=main, show_progress=show_progress)
-    preempt.notify = lambda name: status.print(
+    preempt.notify = lambda name: status.warn(
         f"received {name}: stopping after this step with a checkpoint (press Ctrl-C again to abort at once; "
         f"the last checkpoint stays intact)")
     checkpointer = Checkpointer(run_dir, cfg, spec, accelerator, parallel, status, resume, ckpt)
     start = where_it_runs(accelerator, cfg)
-    status.event({"event": "start", "step": state.step, "kimg": state.kimg, **start}, f"running on {describe(start)}")
+    status.event({"event": "start", "step": state.step, "kimg": state.kimg, **start}, f"running on {describe(start)}",
+                 logging.INFO)
     for event, note in notes:
-        status.event({"event": event, "message": note}, f"warning: {note}")
+        status.event({"event": event, "message": note}, note)
     if ckpt is not None:
         status.print(f"resumed from {ckpt.path.name} at {state.kimg:.3f} kimg (step {state.step})")
     fwd_flops = getattr(objective.backbone, "forward_flops", None)
@@ -184,7 +186,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
             trackers.log_image(f"samples/{tag}", make_grid(blocks), state.step)
         except OSError as exc:
             status.event({"event": "grid_failed", "error": str(exc)},
-                         f"warning: sample grid {tag} not written: {describe_os_error(exc)}")
+                         f"sample grid {tag} not written: {describe_os_error(exc)}")
 
     def skip(info: BadStep) -> None:
         """Log a skipped step (``info`` merged over ranks; ``state`` already counts it) and stop after too
@@ -200,7 +202,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                       "terms": info.terms, "bad_samples": info.bad_samples, "t_range": info.t_range,
                       "grad_norm": norm if norm is None or math.isfinite(norm) else str(norm),
                       "consecutive": state.bad_streak, "skipped_steps": state.skipped_steps},
-                     f"warning: skipped {span}: {info.describe()} ({state.bad_streak} in a row, "
+                     f"skipped {span}: {info.describe()} ({state.bad_streak} in a row, "
                      f"{state.skipped_steps} in all)")
         if state.bad_streak >= guard.limit:
             newest = checkpointer.newest.name if checkpointer.newest else "none written yet"
@@ -308,7 +310,8 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         if over:
             status.event({"event": "budget_reached", "max_minutes": t.max_minutes, "step": state.step,
                           "kimg": state.kimg},
-                         f"time budget of {t.max_minutes:g} min reached after step {state.step} ({state.kimg:.3f} kimg)")
+                         f"time budget of {t.max_minutes:g} min reached after step {state.step} ({state.kimg:.3f} kimg)",
+                         logging.INFO)
         if stopped:
             status.event({"event": "stopped", "signal": stopped, "step": state.step, "kimg": state.kimg,
                           "resume": resume},
@@ -325,7 +328,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
                                     weights=cfg.sample.weights, guidance=cfg.sample.guidance)
                 except OSError as exc:
                     status.event({"event": "metrics_failed", "error": str(exc)},
-                                 f"warning: metrics.json and the scatter plot not written: {describe_os_error(exc)}; "
+                                 f"metrics.json and the scatter plot not written: {describe_os_error(exc)}; "
                                  f"free space and run `{resume}` again to write them")
         else:
             grid("final")

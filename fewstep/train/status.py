@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from fewstep.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report throughput only.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -87,34 +91,52 @@ def start_records(run_dir: str | Path) -> list[dict]:
     return [r for r in read_log(Path(run_dir) / "log.jsonl") if r.get("event") == "start"]
 
 
+def _bar_console() -> Console | None:
+    """Where a live progress bar can go: the terminal console of the rich handler ``fewstep`` logs through
+    (the CLI's: log lines then print above the bar), or stderr when nothing configured logging and it is
+    a terminal (``train()`` from Python). ``None`` when the output is a file or a pipe, or INFO is off."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("fewstep")
+    handlers = [h for h in logger.handlers if getattr(h, "_fewstep", False)]
+    if handlers:
+        rich = next((h for h in handlers if isinstance(h, RichHandler)), None)
+        ok = rich is not None and log.isEnabledFor(logging.INFO) and int(os.environ.get("RANK", "0")) == 0
+        console = rich.console if ok else None
+    else:
+        console = Console(stderr=True)
+    return console if console is not None and console.is_terminal and not console.is_dumb_terminal else None
+
+
 class StatusLog:
     """Status bar (kimg, loss, images/s, ETA) and JSONL log of one run.
 
-    On a terminal a rich progress bar moves every step (:meth:`advance`) and shows the loss of the last
-    status record; when the output goes to a file or a pipe (``> log 2>&1``, sbatch, tee) every status
-    record is printed as a plain line as it happens, since a live bar would show nothing until the end.
+    Messages go through :mod:`logging` (``fewstep.train.status``): events at their level (warnings for
+    skipped steps and failed saves), status lines and notes at INFO. On a terminal a rich progress bar
+    moves every step (:meth:`advance`) and shows the loss of the last status record; when the output
+    goes to a file or a pipe (``> log 2>&1``, sbatch, tee) every status record is logged as a plain line
+    as it happens, since a live bar would show nothing until the end.
 
     Args:
         run_dir: where ``log.jsonl`` goes.
         total_kimg: run length, for the bar and ETA.
         start_kimg: kimg already done (resume).
         enabled: False on non-main processes (nothing is shown or written).
-        show_progress: draw the bar when the console is a terminal (plain lines otherwise).
-        console: where to print (default: standard error).
+        show_progress: draw the bar when the output is a terminal (plain lines otherwise).
     """
 
     def __init__(self, run_dir: Path, total_kimg: float, start_kimg: float, enabled: bool = True,
-                 show_progress: bool = True, console: Console | None = None):
+                 show_progress: bool = True):
         self.enabled = enabled
         self._write_failed = False
-        self.console = console or Console(stderr=True)
         self.path = run_dir / "log.jsonl"
         self.progress = None
-        if enabled and show_progress and self.console.is_terminal and not self.console.is_dumb_terminal:
+        console = _bar_console() if enabled and show_progress else None
+        if console is not None:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), TextColumn("{task.fields[kimg]}"),
                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=self.console, transient=False)
+                TimeRemainingColumn(), console=console, transient=False)
             self.task = self.progress.add_task("train", total=total_kimg, completed=start_kimg,
                                                kimg=f"{start_kimg:.1f}/{total_kimg:g} kimg", stats="")
             self.progress.start()
@@ -137,16 +159,16 @@ class StatusLog:
             self._write_failed = False
         except OSError as exc:
             if not self._write_failed:
-                self.console.print(f"warning: cannot append to {self.path}: {exc.strerror or exc}; training goes "
-                                   f"on (records are written again once it can)", markup=False, highlight=False)
+                log.warning(f"cannot append to {self.path}: {exc.strerror or exc}; training goes on (records are "
+                            f"written again once it can)")
             self._write_failed = True
 
-    def event(self, record: dict[str, Any], message: str) -> None:
-        """Log an event record (``{"event": …}``) to ``log.jsonl`` and print ``message``."""
+    def event(self, record: dict[str, Any], message: str, level: int = logging.WARNING) -> None:
+        """Log an event record (``{"event": …}``) to ``log.jsonl`` and ``message`` at ``level``."""
         if not self.enabled:
             return
         self._append(record)
-        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        log.log(level, message)
 
     def advance(self, kimg: float) -> None:
         """Move the bar (and so its ETA) to ``kimg``: every step, with no host sync."""
@@ -166,13 +188,17 @@ class StatusLog:
             self.progress.update(self.task, completed=record["kimg"], stats=stats,
                                  kimg=f"{record['kimg']:.1f}/{self.total_kimg:g} kimg")
         else:
-            self.console.print(f"step {record['step']:>7d}  kimg {record['kimg']:8.3f}/{self.total_kimg:g}  {stats}",
-                               markup=False, highlight=False)
-            self.console.file.flush()
+            log.info(f"step {record['step']:>7d}  kimg {record['kimg']:8.3f}/{self.total_kimg:g}  {stats}")
 
     def print(self, message: str) -> None:
+        """A note at INFO (resumed from …)."""
         if self.enabled:
-            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            log.info(message)
+
+    def warn(self, message: str) -> None:
+        """A warning that is no event of the log (Ctrl-C heard)."""
+        if self.enabled:
+            log.warning(message)
 
     def close(self) -> None:
         if self.progress is not None:
