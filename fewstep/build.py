@@ -15,13 +15,22 @@ from fewstep.registry import objectives
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Give the backbone exactly the embedders the objective feeds: a gap embedder iff it makes two-time
-    calls, a guidance embedder iff it feeds a guidance input. (An embedder that is never fed would get
-    no gradient, which DDP rejects, and would make checkpoints of different objectives differ for
-    nothing.) The saved config is the resolved one, so it states exactly what was trained.
+    """Give the backbone exactly the conditioning the objective feeds (``needs_for(config)``): a gap
+    embedder iff it makes two-time calls, a guidance embedder iff it feeds a guidance input, and its
+    ``time_mode``, extra ``conditions`` and auxiliary head (docs/design/frontier.md §1). (An embedder
+    that is never fed would get no gradient, which DDP rejects, and would make checkpoints of different
+    objectives differ for nothing.) The saved config is the resolved one, so it states exactly what was
+    trained. A backbone without one of these switches is refused when the objective needs it.
     """
-    needs = objectives.get(cfg.objective.name).needs
-    wanted = {"gap_embedder": needs.time_inputs == 2, "guidance_embedder": needs.guidance_input}
+    needs = objectives.get(cfg.objective.name).needs_for(cfg.objective)
+    wanted = {"gap_embedder": needs.time_inputs == 2, "guidance_embedder": needs.guidance_input,
+              "time_mode": needs.time_mode, "conditions": tuple(needs.conditions), "aux_head": needs.aux_head}
+    plain = {"gap_embedder": False, "guidance_embedder": False, "time_mode": "t+h", "conditions": (), "aux_head": False}
+    lacking = [k for k, v in wanted.items() if not hasattr(cfg.backbone, k) and v != plain[k]]
+    if lacking:
+        raise ConfigError(f"objective {cfg.objective.name!r} needs the backbone switches "
+                          f"{', '.join(f'{k}={wanted[k]!r}' for k in lacking)}, which backbone {cfg.backbone.name!r} "
+                          f"({type(cfg.backbone).__name__}) does not have; use a DiT (dit-*) or the mlp")
     changes = {k: v for k, v in wanted.items() if hasattr(cfg.backbone, k) and getattr(cfg.backbone, k) != v}
     if changes:
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, **changes))
@@ -123,7 +132,13 @@ def config_changes(old: dict, new: dict, allowed: set[str] | frozenset[str] = fr
 def check_compatible(saved: dict, saved_spec: dict | None, cfg: RunConfig, spec: DataSpec, where: str,
                      allowed: set[str] | frozenset[str] = frozenset()) -> None:
     """Refuse to continue ``saved`` (a config dict from ``config.json`` or a checkpoint manifest) with
-    ``cfg``/``spec`` when anything but the ``allowed`` keys differs; the error lists the differences."""
+    ``cfg``/``spec`` when anything but the ``allowed`` keys differs; the error lists the differences.
+    A field the saved config lacks (added to fewstep after the run started) counts as its default,
+    which by design is the behaviour from before the field existed."""
+    try:
+        saved = to_dict(run_config_from_dict(saved))
+    except (ConfigError, ValueError, TypeError, KeyError):
+        pass   # unreadable by this version: compared as it is, so the difference is listed
     changes = config_changes(saved, to_dict(cfg), allowed)
     if saved_spec is not None:
         own = dataclasses.asdict(spec)
