@@ -54,6 +54,47 @@ def build_objective(cfg: RunConfig, spec: DataSpec) -> Objective:
     return cls(backbone, cfg.objective, num_classes=spec.num_classes, ema_betas=cfg.train.ema_betas)
 
 
+def init_from_run(objective: Objective, source: str | os.PathLike) -> str:
+    """Start ``objective`` from another run's evaluation weights (``train.init_from``; docs/design/frontier.md §7).
+
+    The source's ``sample.weights`` track (an EMA, or ``online``) is loaded into ``objective.backbone``
+    and copied into its EMA tracks and teachers, so every copy starts from the same weights; anything
+    else the objective owns (DMF's log-variance) keeps its initialisation.
+
+    Args:
+        objective: a freshly built objective (before its first step).
+        source: a run directory (its newest valid checkpoint is used) or one checkpoint directory.
+    Returns:
+        What was loaded, for the log: ``"<weights> weights of <checkpoint> (step N, K kimg)"``.
+    Raises:
+        CheckpointError: the source has no valid checkpoint, lacks the weights, or its backbone's
+            parameter names or shapes differ from this one's (one line naming the first differences).
+    """
+    ckpt = find_checkpoint(source)
+    weights = run_config_from_dict(ckpt.manifest["config"]).sample.weights
+    prefix = "backbone." if weights == "online" else f"ema.{weights}."
+    state = {k[len(prefix):]: v for k, v in ckpt.tensors("objective.safetensors").items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"init_from {source}: checkpoint {ckpt.path} has no {weights!r} weights "
+                              f"(no tensors under {prefix!r})")
+    own = objective.backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{name} {items[:3]}{'…' if len(items) > 3 else ''}"
+                 for name, items in (("missing here", unexpected), ("missing in the source", missing),
+                                     ("shape (source vs here)", shapes)) if items]
+        raise CheckpointError(f"init_from {source}: the source backbone does not fit this one ({'; '.join(parts)}); "
+                              f"start from a run of the same backbone (flavour, width, patch, classes and "
+                              f"embedders; a dmf run converts an fm run of the same DiT)")
+    copies = [objective.backbone, *objective.ema.values(), *(m for m, _ in objective.teacher_tracks())]
+    for module in copies:
+        module.load_state_dict(state)
+    return f"{weights} weights of {ckpt.path} (step {ckpt.step}, {float(ckpt.manifest['kimg']):g} kimg)"
+
+
 def spec_from_dict(data: dict) -> DataSpec:
     return DataSpec(**data)
 

@@ -91,12 +91,16 @@ def train(
     batch: Optional[int] = typer.Option(None, help="Global batch (images per optimizer step)."),
     out: Optional[Path] = typer.Option(None, help="Run directory; an existing run there is resumed. Default: runs/NNNNN-…"),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value (repeatable)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this run's (or checkpoint's) EMA "
+                                             "weights at step 0 (train.init_from), e.g. --objective dmf from an fm run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
     progress: bool = typer.Option(True, help="Show the progress bar (plain status lines otherwise)."),
 ) -> None:
     """Train a model; writes config.json, log.jsonl, checkpoints and sample grids to the run directory."""
     try:
         cfg = build_config(recipe, objective, backbone, data, kimg, batch, set_)
+        if init_from is not None:
+            cfg.train.init_from = str(init_from.resolve())
         from fewstep.build import resolve
 
         cfg = resolve(cfg)

@@ -243,9 +243,12 @@ class AverageVelocityOracle(_Oracle):
                  gap_error: float = 0.0, aux_error: float = 0.0):
         super().__init__(means, sigma, error)
         self.conditions, self.gap_error, self.aux_error = conditions, gap_error, aux_error
+        self.seen: list[dict] = []    # per call: t, s, head and the extra conditions
 
     def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None, *,
                 head: str = "main", **cond) -> Tensor | tuple[Tensor, Tensor]:
+        self.seen.append({"t": t.detach(), "s": None if s is None else s.detach(), "head": head,
+                          **{k: v.detach() for k, v in cond.items()}})
         mu = self._record(t, y).to(x.dtype)
         s = t if s is None else s
         if not self.conditions:

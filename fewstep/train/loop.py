@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from fewstep import __version__
 from fewstep.backbones.inputs import trusted_labels
-from fewstep.build import build_objective, build_optimizer, load_state, resolve, write_run_config
+from fewstep.build import build_objective, build_optimizer, init_from_run, load_state, resolve, write_run_config
 from fewstep.checkpoints import CheckpointWriteError, load_optimizer_state, save_checkpoint
 from fewstep.compiling import compile_objective, set_activation_checkpointing
 from fewstep.config import RunConfig, to_dict
@@ -110,6 +110,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
 
     step, nimg, position, prior_seconds = 0, 0, 0, 0.0
     opt_state = None
+    initialised = init_from_run(objective, t.init_from) if ckpt is None and t.init_from else None   # step 0 only
     if ckpt is not None:
         load_state(objective, ckpt)
         opt_state = load_optimizer_state(ckpt)
@@ -144,6 +145,8 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         status.event({"event": "checkpoint_skipped", "message": note}, f"warning: {note}")
     if ckpt is not None:
         status.print(f"resumed from {ckpt.path.name} at {nimg / 1000:.3f} kimg (step {step})")
+    if initialised:
+        status.event({"event": "init_from", "source": initialised}, f"initialised from the {initialised}")
     fwd_flops = getattr(objective.backbone, "forward_flops", None)
     flops_per_img = objective.flops_per_sample(fwd_flops(1)) if fwd_flops else None
     peak = peak_flops(device)
