@@ -575,7 +575,8 @@ def bench_data(
 
 @app.command()
 def sweep(
-    objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect)."),
+    objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect); "
+                                             "objective@member starts from that member's finished run (fm,dmf@fm)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe every member starts from, e.g. fashion-mnist-sweep or toy2d."),
     out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished members and resumes the "
                              "others (a larger --kimg/--minutes trains finished members on)."),
@@ -619,7 +620,7 @@ def sweep(
         if dry_run:
             from fewstep.build import config_changes
 
-            configs = {m.name: to_dict(member_config(spec, m)) for m in spec.members}
+            configs = {m.name: to_dict(member_config(spec, m, out)) for m in spec.members}
             console.print_json(json.dumps(spec_to_dict(spec)))
             first = next(iter(configs))
             for name, cfg in configs.items():

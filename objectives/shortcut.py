@@ -165,7 +165,8 @@ class Shortcut(Objective):
             boot = self.bootstrap_target(x_t[b], t[b], d[b], None if y_net is None else y_net[b], guided)
             target = torch.cat([boot, target[nb:]])
         F = self.backbone(x_t, t, t - d, y=y_net)
-        per = mean_flat((F.float() - target.float()) ** 2)
+        acc = torch.promote_types(F.dtype, torch.float32)          # fp32 under bf16 autocast, fp64 stays fp64
+        per = mean_flat((F.to(acc) - target.to(acc)) ** 2)
         logs = {"loss_fm": per[nb:].detach().mean() if nb < B else torch.zeros(()),
                 "loss_bootstrap": per[:nb].detach().mean() if nb else torch.zeros(()),
                 "nonfinite": (~torch.isfinite(per.detach())).sum().float()}
