@@ -62,6 +62,7 @@ class AlphaFlowConfig(ObjectiveConfig):
         clamp_utgt: clip u_tgt element-wise to ±clamp_utgt (4.0 in the XL runs), ``None``: no clip.
         norm_eps: c of the weight 1/(sg L + c) (10⁻³ [unverified]).
         sampler: ``trajectory`` (flow-map jumps) or ``consistency`` (jump to the data end and re-noise).
+        two_step_mid: the intermediate time of the 2-step schedule [1, mid, 0] (XL/2-cfg: 0.55).
     """
 
     name: str = "alphaflow"
@@ -81,6 +82,7 @@ class AlphaFlowConfig(ObjectiveConfig):
     clamp_utgt: float | None = None
     norm_eps: float = 1e-3
     sampler: Literal["trajectory", "consistency"] = "trajectory"
+    two_step_mid: float = 0.5
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,6 +102,7 @@ class AlphaFlowConfig(ObjectiveConfig):
             (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
             (self.sampler in ("trajectory", "consistency"),
              f"sampler must be 'trajectory' or 'consistency', got {self.sampler!r}"),
+            (0.0 < self.two_step_mid < 1.0, f"two_step_mid must lie in (0, 1), got {self.two_step_mid}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -280,6 +283,10 @@ class AlphaFlow(Objective):
         return (4.0 + passes) * forward_flops
 
     # -- sampling -------------------------------------------------------------------------------
+    def default_schedule(self, nfe: int) -> list[float]:
+        """Uniform times from 1 to 0, except [1, two_step_mid, 0] for two jumps."""
+        return [1.0, self.config.two_step_mid, 0.0] if nfe == 2 else super().default_schedule(nfe)
+
     def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None,
              noise: Tensor | None = None) -> Tensor:
         """``trajectory``: x_s = x_t − (t − s)·u(x_t, t, s). ``consistency``: x̂₀ = x_t − t·u(x_t, t, 0),
