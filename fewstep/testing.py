@@ -4,9 +4,9 @@ Two ways in. pytest mixins (tests are methods named ``test_*``; the mixin itself
 
     from fewstep.testing import ObjectiveContract, BackboneContract, tiny_objective
 
-    class TestShortcut(ObjectiveContract):
+    class TestXPrediction(ObjectiveContract):
         def make_objective(self):
-            return tiny_objective("shortcut")       # or any Objective instance on a small backbone
+            return tiny_objective("xpred")          # or any Objective instance on a small backbone
 
 Or plain functions, each raising :class:`ContractError` (an ``AssertionError``) whose message names the
 component, the rule and the fix: :func:`check_objective` (all objective checks) and

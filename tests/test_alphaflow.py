@@ -193,3 +193,25 @@ def test_jvp_target_matches_central_differences_of_a_real_dit():
         second = net(mid.x_t - per_sample(0.5 * (mid.t - mid.s), x) * mid.v_tilde, tau, mid.s, y=mid.y)
     expect_mid = torch.where(per_sample(mid.s == mid.t, x), mid.v_tilde, 0.5 * mid.v_tilde + 0.5 * second)
     assert torch.allclose(mid.u_tgt, expect_mid, rtol=0, atol=1e-12)
+
+
+def test_the_trainer_gives_the_network_both_absolute_times():
+    """time_mode "t+s": with the t-embedder silenced the output still moves when t and s shift together
+    (it sees s, not only t − s as MeanFlow's network would)."""
+    from fewstep.build import resolve
+    from fewstep.config import RunConfig
+
+    cfg = resolve(RunConfig(recipe="t", objective=AlphaFlowConfig(),
+                            backbone=DiTConfig(name="dit-debug", depth=1, hidden_size=32, num_heads=2, patch_size=4)))
+    assert (cfg.backbone.time_mode, cfg.backbone.gap_embedder) == ("t+s", True)
+    torch.manual_seed(0)
+    net = cfg.backbone.build(DataSpec(name="x", channels=1, resolution=8, num_classes=3, num_items=1))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn_like(p))
+        net.t_embedder.mlp[2].weight.zero_()
+        net.t_embedder.mlp[2].bias.zero_()
+        x, t, s = torch.randn(2, 1, 8, 8), torch.tensor([0.9, 0.7]), torch.tensor([0.4, 0.2])
+        assert not torch.allclose(net(x, t, s), net(x, t + 0.1, s + 0.1), atol=1e-4)
+        assert torch.equal(net(x, t, s), net(x, t + 0.1, s))                  # and nothing but s

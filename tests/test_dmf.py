@@ -100,6 +100,15 @@ def test_loss_logs_and_the_learned_log_variance(gaussian):
     m_f, m = mean_flat((tm.p_f - tm.g_f) ** 2).detach(), mean_flat((tm.u - tm.u_tgt) ** 2).detach()
     assert torch.allclose(out.per_sample, 0.5 * (torch.log1p(m_f) + torch.log1p(m)), rtol=1e-12)   # φ starts at 0
     assert torch.allclose(out.logs["loss_fm"], m_f.mean()) and torch.allclose(out.logs["loss_mf"], m.mean())
+    with torch.no_grad():                                          # a non-trivial φ(t, s): which times it sees
+        obj.logvar.linear.weight.copy_(0.1 * torch.randn(obj.logvar.linear.weight.shape, generator=gen(8)))
+    phi_f, phi = obj.logvar(tm.t_f, tm.t_f), obj.logvar(tm.t, tm.s)
+    assert not torch.allclose(phi, obj.logvar(tm.t, tm.t))
+    expected = 0.5 * (log_variance_loss(m_f, phi_f) + log_variance_loss(m, phi))
+    assert torch.allclose(obj(x, y, gen(3)).per_sample, expected.detach(), rtol=1e-12)
+    with torch.no_grad():
+        obj.logvar.linear.weight.zero_()
+    out = obj(x, y, gen(3))
     out.loss.backward()
     lv = obj.logvar.linear
     assert float(lv.weight.grad.abs().sum()) > 0 and float(obj.backbone.bias.grad.abs()) > 0
