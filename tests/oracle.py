@@ -211,11 +211,13 @@ class _Oracle(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
         self.calls: list[Tensor | None] = []
         self.modes: list[bool] = []
+        self.grad: list[bool] = []          # autograd enabled at every call (stop-gradient passes: False)
         self.seen_t: list[Tensor] = []
 
     def _record(self, t: Tensor, y: Tensor | None) -> Tensor:
         self.calls.append(y)
         self.modes.append(self.training)
+        self.grad.append(torch.is_grad_enabled())
         self.seen_t.append(t.detach())
         if y is None:
             y = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)

@@ -105,6 +105,10 @@ def test_batch_layout_weights_and_logs(gaussian):
     assert torch.allclose(out.per_sample, weight * L, rtol=1e-12, atol=0)
     assert torch.equal(tm.u_tgt[:100], tm.v_tilde[:100])                    # s = t: plain flow matching
     assert float(out.logs["alpha"]) == pytest.approx(0.4) and torch.allclose(out.logs["loss_u"], L.mean())
+    assert obj.backbone.grad[-2:] == [True, False]                         # u with graph, u⁻(sub-jump) without
+    out.loss.backward()             # the weights carry no gradient: d/d bias = mean(w·2·mean_CHW(u − u_tgt))
+    expected = (weight * 2 * mean_flat(tm.u - tm.u_tgt)).mean()
+    assert math.isclose(float(obj.backbone.bias.grad), float(expected.detach()), rel_tol=1e-9)
     jump = tm.s < tm.t
     assert torch.allclose(out.logs["loss_tfm"], mean_flat((tm.u - tm.v_tilde) ** 2)[jump].mean())
     assert torch.allclose(out.logs["loss_tc"], mean_flat(2 * (tm.v_tilde - tm.u_tgt) * tm.u)[jump].mean())

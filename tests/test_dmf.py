@@ -74,6 +74,7 @@ def test_model_guidance_fixed_point_is_cfg_at_one_over_one_minus_omega(gaussian)
     assert torch.equal(tm.g[~on], tm.v[~on])                                 # outside or dropped: ε − x
     assert abs(float(tm.dropped.double().mean()) - 0.1) < 0.015
     assert obj.backbone.modes[0] is False and obj.backbone.training          # the MG passes run in eval mode
+    assert obj.backbone.grad[:2] == [False, True]                            # without autograd; p_f with it
     # one MG call for both branches: [x_f; x_t] with labels [y; y] and [∅; ∅]
     assert obj.backbone.calls[0].shape == (4 * 8192,)
 

@@ -125,6 +125,7 @@ def test_batch_layout_times_guidance_and_which_omega_goes_where(gaussian):
     assert second["head"] == "both" and torch.equal(second["omega"], omega_condition(tm.omega))
     assert torch.equal(second["t_min"], tm.t_min) and torch.equal(second["s"], tm.s)
     assert obj.backbone.modes[0] is False and obj.backbone.training          # guidance pass in eval mode
+    assert obj.backbone.grad == [False, True]                                # … and without autograd
 
 
 def tiny_dit(seed: int = 0, aux: bool = True):
