@@ -53,6 +53,9 @@ def test_branch_residuals_at_the_oracle_are_the_target_noise(gaussian):
     k = torch.sqrt(d(tm.s, gaussian.sigma) / d(tm.t, gaussian.sigma))
     v_star = velocity(tm.x_t, tm.t, mu, gaussian.sigma)
     assert float((tm.u.detach() - tm.u_tgt + per_sample(k, x) * (tm.g - v_star)).abs().max()) < 1e-10
+    # each branch's input is its own interpolant of the same x: x_t = (1 − t)·x + t·ε with v = ε − x
+    for z, tt, v in ((tm.x_f, tm.t_f, tm.v_f), (tm.x_t, tm.t, tm.v)):
+        assert torch.allclose(z, (1 - per_sample(tt, x)) * x + per_sample(tt, x) * (v + x), rtol=0, atol=1e-12)
     # independent branches: their own times and noise; the MeanFlow times lean to far jumps (s → 0)
     assert not torch.allclose(tm.t_f, tm.t) and not torch.allclose(tm.v_f, tm.v)
     assert float(tm.s.mean()) < 0.35 < float(tm.t.mean()) and bool((tm.s <= tm.t).all())
@@ -73,6 +76,7 @@ def test_model_guidance_fixed_point_is_cfg_at_one_over_one_minus_omega(gaussian)
     assert float((tm.g - v_w - (tm.v - v_y))[on].abs().max()) < 1e-10       # E[g | x_t] = v^w
     assert torch.equal(tm.g[~on], tm.v[~on])                                 # outside or dropped: ε − x
     assert abs(float(tm.dropped.double().mean()) - 0.1) < 0.015
+    assert bool((tm.y[tm.dropped] == 3).all()) and torch.equal(tm.y[~tm.dropped], y[~tm.dropped])   # null fed
     assert obj.backbone.modes[0] is False and obj.backbone.training          # the MG passes run in eval mode
     assert obj.backbone.grad[:2] == [False, True]                            # without autograd; p_f with it
     # one MG call for both branches: [x_f; x_t] with labels [y; y] and [∅; ∅]
@@ -204,6 +208,7 @@ def test_split_backbone_jvp_matches_central_differences_and_s_only_reaches_late_
             return (f(h) - f(-h)) / (2 * h)
 
     scale = float(tm.dudt.abs().max())
+    assert not tm.dudt.requires_grad and tm.u.requires_grad                # the tangent is computed without a graph
     assert torch.allclose(tm.dudt, fd(0.0), rtol=0, atol=1e-8 * scale)
     assert not torch.allclose(tm.dudt, fd(1.0), rtol=0, atol=1e-3 * scale)     # tangent (g, 1, 1) differs
     with torch.no_grad():                       # zeroing the late blocks' and final layer's modulation removes s

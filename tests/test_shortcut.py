@@ -70,8 +70,11 @@ def test_guidance_is_baked_into_the_finest_self_consistency_level_only(gaussian)
     plain = average_velocity(x_t, t, t - d, gaussian.means[y], gaussian.sigma)
     assert float((target - exact)[guided].abs().max()) < 1e-12
     assert float((target - plain)[~guided].abs().max()) < 1e-12 and float((exact - plain)[guided].abs().max()) > 0.1
-    obj(x, y, gen(3))                                                        # self-consistency samples keep labels
+    out = obj(x, y, gen(3))                                                  # self-consistency samples keep labels
     assert obj.backbone.calls[-1] is not None and bool((obj.backbone.calls[-1] < 3).all())
+    level = obj.sample_times(3000, gen(3), torch.device("cpu")).level       # the same draws as the forward
+    finest = level == 2                # there the unguided student misses the guided target, elsewhere it is exact
+    assert float(out.per_sample[~finest].max()) < 1e-20 and float(out.per_sample[finest].min()) > 1e-6
 
 
 def test_label_dropout_hits_flow_matching_samples_only(gaussian):
