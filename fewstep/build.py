@@ -178,7 +178,7 @@ def check_compatible(saved: dict, saved_spec: dict | None, cfg: RunConfig, spec:
     which by design is the behaviour from before the field existed."""
     try:
         saved = to_dict(run_config_from_dict(saved))
-    except (ConfigError, ValueError, TypeError, KeyError):
+    except (ConfigError, ValueError, TypeError, LookupError):   # LookupError: an objective no longer registered
         pass   # unreadable by this version: compared as it is, so the difference is listed
     changes = config_changes(saved, to_dict(cfg), allowed)
     if saved_spec is not None:

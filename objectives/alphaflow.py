@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import eval_mode, jump, logit_normal, mean_flat, per_sample, rand, randn, renoise
+from fewstep.objectives.common import (eval_mode, jump, logit_normal, mean_flat, per_sample, rand, randn,
+                                       renoise)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
 

@@ -31,6 +31,7 @@ setting 8.0, [0.40, 0.65]) or per sample from the sampler's guidance.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,8 +152,6 @@ class IMF(Objective):
     @classmethod
     def needs_for(cls, config: IMFConfig) -> ObjectiveNeeds:
         """No auxiliary head with ``v_source="boundary"``."""
-        import dataclasses
-
         return dataclasses.replace(cls.needs, aux_head=config.v_source == "aux_head")
 
     # -- training -------------------------------------------------------------------------------
