@@ -1,10 +1,14 @@
 """Diffusion Transformer (Peebles & Xie, 2023) with TVM's "semi-Lipschitz control" switches.
 
-``F(x, t, s, y, guidance)``: patchify → transformer blocks with adaLN-Zero modulation → final layer →
-unpatchify. The variant switches of Terminal Velocity Matching (Zhou et al., 2025; see
+``F(x, t, s, y, guidance, **conditions)``: patchify → transformer blocks with adaLN-Zero modulation →
+final layer → unpatchify. The variant switches of Terminal Velocity Matching (Zhou et al., 2025; see
 ``docs/design/tvm.md`` §2) are config fields: RMSNorm pre-norms, QK-norm, RMS-normalised modulation,
-spectral init, and separate embedders for the gap ``t − s`` and the guidance input. Flavours
-(``dit-debug`` … ``dit-xl``) are registered in :data:`fewstep.registry.backbones`.
+spectral init, and separate embedders for the gap ``t − s`` and the guidance input. The frontier
+objectives' needs are config of the same family (docs/design/frontier.md §1): how the two times are
+embedded (``time_mode``: t + gap, gap only, t + s, or t for early blocks and s for late ones), extra
+scalar conditions with their own embedders (``conditions``) and an auxiliary output head sharing the
+trunk (``aux_head``). Flavours (``dit-debug`` … ``dit-xl``) are registered in
+:data:`fewstep.registry.backbones`.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from fewstep.backbones.dit_tangents import block_jvp, dit_jvp, final_layer_jvp
-from fewstep.backbones.inputs import check_conditioning, condition_vector
+from fewstep.backbones.inputs import TIME_MODES, check_conditioning, condition_vector, split_index
 from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder, make_norm,
                                       merge_heads, modulate, sincos_pos_embed_2d, spectral_init_, split_heads,
                                       xavier_uniform_flat_)
@@ -25,6 +29,39 @@ from fewstep.config import BackboneConfig
 from fewstep.contracts import DataSpec
 from fewstep.kernels.attention import attention
 from fewstep.registry import backbones
+
+
+def family_checks(cfg: BackboneConfig) -> list[tuple[bool, str]]:
+    """Single-field checks of the conditioning switches shared by the DiT and the MLP (cross-field ones
+    run when the model is built, so ``--set`` may pass through intermediate states)."""
+    names = list(cfg.conditions)
+    return [
+        (cfg.time_mode in TIME_MODES, f"time_mode must be one of {', '.join(TIME_MODES)}, got {cfg.time_mode!r}"),
+        (cfg.split_depth is None or cfg.split_depth >= 0, f"split_depth must be ≥ 0, got {cfg.split_depth}"),
+        (cfg.aux_head_depth is None or cfg.aux_head_depth >= 1,
+         f"aux_head_depth must be ≥ 1, got {cfg.aux_head_depth}"),
+        (all(n.isidentifier() and n not in ("guidance", "tangents", "head") for n in names)
+         and len(set(names)) == len(names),
+         f"conditions must be distinct identifiers other than guidance, tangents and head, got {names}"),
+    ]
+
+
+def check_family_build(cfg: BackboneConfig, kind: str, depth: int) -> None:
+    """Cross-field checks of the conditioning switches, when a ``kind`` model of ``depth`` blocks is built."""
+    if cfg.time_mode == "h" and not cfg.gap_embedder:
+        raise ValueError(f"{kind}: time_mode 'h' embeds only the gap t − s; set gap_embedder=true (the trainer does "
+                         f"for two-time objectives)")
+    if cfg.time_mode == "split" and cfg.split_depth is not None and cfg.split_depth > depth:
+        raise ValueError(f"{kind}: split_depth {cfg.split_depth} exceeds the depth {depth}")
+    if cfg.aux_head and aux_depth(cfg, depth) > depth:
+        raise ValueError(f"{kind}: aux_head_depth {cfg.aux_head_depth} exceeds the depth {depth}")
+
+
+def aux_depth(cfg: BackboneConfig, depth: int) -> int:
+    """Blocks per output head when ``aux_head`` (0 without one): ``aux_head_depth`` or max(1, depth // 6)."""
+    if not cfg.aux_head:
+        return 0
+    return cfg.aux_head_depth if cfg.aux_head_depth is not None else max(1, depth // 6)
 
 
 @dataclass(kw_only=True)
@@ -41,10 +78,23 @@ class DiTConfig(BackboneConfig):
         init: ``xavier`` (uniform, original DiT) or ``spectral`` (xavier-normal ÷ largest singular
             value); the patch conv is treated flattened; biases 0.
         time_init: time/gap/guidance MLPs ``normal`` N(0, 0.02) or ``spectral``.
-        gap_embedder: embed the gap t − s with its own sinusoidal MLP (two-time objectives).
+        gap_embedder: the backbone takes a second time s (two-time objectives); with
+            ``time_mode`` t+h or h a second sinusoidal MLP embeds the gap t − s, with t+s it embeds s,
+            with split there is no second embedder.
         guidance_embedder: embed a per-sample guidance scalar (TVM feeds β = 1/w).
         time_scale: times, gaps and guidance are multiplied by this before the sinusoid
             (1: raw [0, 1] as TVM; 1000: original DiT).
+        time_mode: how a two-time call embeds (t, s): ``t+h``, ``h``, ``t+s`` or ``split``
+            (:data:`fewstep.backbones.inputs.TIME_MODES`); the trainer sets it from the objective.
+        split_depth: with ``split``, blocks 0 … split_depth − 1 see t and the rest (and the final
+            layer) see s; ``None``: round(0.7·depth) (DMF: 20 of 28).
+        conditions: names of extra per-sample scalar conditions, each embedded by its own sinusoidal
+            MLP and added to the conditioning (iMF: ``omega``, ``t_min``, ``t_max``); the trainer sets
+            them from the objective.
+        aux_head: a second output head (``head="aux"`` or ``"both"``): the last ``aux_head_depth``
+            blocks and the final layer are duplicated, the blocks before them are shared (iMF's
+            v-head); the trainer sets it from the objective.
+        aux_head_depth: blocks per head; ``None``: max(1, depth // 6) (iMF XL/2: 8 of 48).
     """
 
     name: str = "dit-s"
@@ -61,10 +111,16 @@ class DiTConfig(BackboneConfig):
     gap_embedder: bool = False
     guidance_embedder: bool = False
     time_scale: float = 1.0
+    time_mode: Literal["t+h", "h", "t+s", "split"] = "t+h"
+    split_depth: int | None = None
+    conditions: tuple[str, ...] = ()
+    aux_head: bool = False
+    aux_head_depth: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
             (self.depth >= 1, f"depth must be ≥ 1, got {self.depth}"),
+            *family_checks(self),
             (self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
              f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"),
             (self.hidden_size % 4 == 0, f"hidden_size must be divisible by 4 (2-D sin-cos position "
@@ -170,6 +226,18 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def check_head(net: nn.Module, head: str, tangents: object | None) -> None:
+    """``head`` is ``main``, ``aux`` or ``both``; the last two need an aux head; tangents go with ``main``
+    or ``both`` (the auxiliary output never carries one)."""
+    if head not in ("main", "aux", "both"):
+        raise ValueError(f"head must be 'main', 'aux' or 'both', got {head!r}")
+    if head != "main" and not net.config.aux_head:
+        raise ValueError(f"head={head!r} needs an auxiliary head: build with aux_head=true (the trainer does for "
+                         f"objectives that declare needs.aux_head)")
+    if head == "aux" and tangents is not None:
+        raise ValueError("the auxiliary head carries no tangent: use head='both' to get (F, J·tangents, aux)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------
@@ -193,34 +261,52 @@ class DiT(nn.Module):
             raise ValueError(f"DiT needs in_channels ≥ 1 and num_classes ≥ 0, got {in_channels}, {num_classes}")
         if input_size % p:
             raise ValueError(f"input resolution {input_size} is not divisible by patch_size {p}")
+        check_family_build(config, "DiT", config.depth)
         self.config, self.in_channels, self.input_size, self.num_classes = config, in_channels, input_size, num_classes
         self.activation_checkpointing = False
+        self.time_mode = config.time_mode
         self.grid = input_size // p                                             # tokens per side
         self.x_embedder = nn.Conv2d(in_channels, D, kernel_size=p, stride=p, bias=True)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, D), requires_grad=False)
-        self.t_embedder = TimestepEmbedder(D, config.time_scale)
-        self.gap_embedder = TimestepEmbedder(D, config.time_scale) if config.gap_embedder else None
-        self.guidance_embedder = TimestepEmbedder(D, config.time_scale) if config.guidance_embedder else None
+        scale = config.time_scale
+        self.t_embedder = TimestepEmbedder(D, scale) if config.time_mode != "h" else None   # iMF: gap only
+        second = config.gap_embedder and config.time_mode != "split"                        # DMF: one embedder
+        self.gap_embedder = TimestepEmbedder(D, scale) if second else None
+        self.guidance_embedder = TimestepEmbedder(D, scale) if config.guidance_embedder else None
+        self.cond_embedders = nn.ModuleDict({name: TimestepEmbedder(D, scale) for name in config.conditions})
         self.y_embedder = nn.Embedding(num_classes + 1, D) if num_classes > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(config, p * p * in_channels)
+        self.head_depth = aux_depth(config, config.depth)                      # 0: no aux head
+        self.aux_blocks = nn.ModuleList(DiTBlock(config) for _ in range(self.head_depth))
+        self.aux_final_layer = FinalLayer(config, p * p * in_channels) if config.aux_head else None
+        self.split = split_index(self)
         self.initialize_weights()
 
     def compile_regions(self) -> list[nn.Module]:
         """Modules to ``torch.compile`` one by one (regional compilation: every block shares one
         compiled graph per mode — forward, tangent, no-grad — so compiling takes seconds, not minutes)."""
-        return list(self.blocks)
+        return list(self.blocks) + list(self.aux_blocks)
 
     def time_embedders(self) -> list[TimestepEmbedder]:
-        return [e for e in (self.t_embedder, self.gap_embedder, self.guidance_embedder) if e is not None]
+        """Every sinusoidal-MLP embedder: time, second time, guidance and the extra conditions."""
+        fixed = [e for e in (self.t_embedder, self.gap_embedder, self.guidance_embedder) if e is not None]
+        return fixed + list(self.cond_embedders.values())
+
+    def heads(self) -> list[tuple[nn.ModuleList, nn.Module]]:
+        """[(blocks, final layer)] of the main head and, with ``aux_head``, the auxiliary one."""
+        main = (self.blocks[self.config.depth - self.head_depth:], self.final_layer)
+        return [main] + ([(self.aux_blocks, self.aux_final_layer)] if self.aux_final_layer is not None else [])
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """(Re-)initialise every parameter as ``config.init`` / ``config.time_init`` say (call again
         after materialising a model built on the ``meta`` device)."""
         cfg = self.config
-        zero = [b.adaLN_modulation.linear for b in self.blocks]
-        zero += [self.final_layer.adaLN_modulation.linear, self.final_layer.linear]
+        zero = [b.adaLN_modulation.linear for b in [*self.blocks, *self.aux_blocks]]
+        for layer in (self.final_layer, self.aux_final_layer):
+            if layer is not None:
+                zero += [layer.adaLN_modulation.linear, layer.linear]
         timed = [m for e in self.time_embedders() for m in e.mlp if isinstance(m, nn.Linear)]
         base = spectral_init_ if cfg.init == "spectral" else xavier_uniform_flat_
         for m in self.modules():                      # every Linear and the patch conv
@@ -247,23 +333,38 @@ class DiT(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None, *,
                 tangents: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None,
-                **cond: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+                head: str = "main", **cond: Tensor) -> Tensor | tuple[Tensor, ...]:
         """x (B, C, H, W); t, s (B,) floats (s=None: one-time call); y (B,) int64 in
         [0, num_classes] (num_classes = null; None = all null); ``guidance=`` (B,) float iff the
-        guidance embedder exists. Returns (B, C, H, W), in the autocast dtype under autocast.
+        guidance embedder exists, and one (B,) float per name in ``config.conditions``. Returns
+        (B, C, H, W), in the autocast dtype under autocast.
+
+        ``head``: ``main`` (the output), ``aux`` (the auxiliary head's output) or ``both`` (the pair
+        (main, aux)); the last two need ``aux_head``.
 
         With ``tangents=(tx, tt, ts)`` (shapes of x, t, s; ``None`` = zero) returns ``(F, J·tangents)``,
         the forward-mode derivative written out layer by layer (:mod:`fewstep.backbones.dit_tangents`):
-        same values as ``torch.func.jvp`` of the forward, differentiable in both outputs."""
+        same values as ``torch.func.jvp`` of the forward, differentiable in both outputs. With
+        ``head="both"`` it returns ``(F, J·tangents, aux)``: the auxiliary output without a tangent."""
         self._check_inputs(x, t, s, y, cond)
+        check_head(self, head, tangents)
         if tangents is not None:
             self._check_tangents(x, t, s, tangents)
-            return dit_jvp(self, x, t, s, y, cond, tangents)
+            return dit_jvp(self, x, t, s, y, cond, tangents, head)
         h = self.tokens(self.x_embedder(x)) + self.pos_embed                     # (B, N, D)
-        c = condition_vector(self, t, s, y, cond)
-        for block in self.blocks:
-            h = self.run_block(block, h, c)
-        return self.unpatchify(self.final_layer(h, c))
+        c_early, c_late = condition_vector(self, t, s, y, cond)
+        trunk = self.config.depth - self.head_depth
+        for i, block in enumerate(self.blocks[:trunk]):
+            h = self.run_block(block, h, c_early if i < self.split else c_late)
+        outs = []
+        for name, (blocks, final) in zip(("main", "aux"), self.heads()):
+            if head not in (name, "both"):
+                continue
+            g = h
+            for i, block in enumerate(blocks, start=trunk):
+                g = self.run_block(block, g, c_early if i < self.split else c_late)
+            outs.append(self.unpatchify(final(g, c_late)))
+        return outs[0] if head != "both" else tuple(outs)
 
     def run_block(self, block: nn.Module, *args: Tensor | None):
         """``block(*args)``, recomputed in backward when activation checkpointing covers this block."""
@@ -311,9 +412,9 @@ class DiT(nn.Module):
         if tuple(x.shape[2:]) != (R, R):
             raise ValueError(f"x has resolution {x.shape[2]}×{x.shape[3]} but this DiT was built for "
                              f"{R}×{R} (patch_size {self.config.patch_size}): got shape {tuple(x.shape)}")
-        check_conditioning("DiT", x.shape[0], t, s, y, cond, has_gap=self.gap_embedder is not None,
+        check_conditioning("DiT", x.shape[0], t, s, y, cond, has_gap=self.config.gap_embedder,
                            has_guidance=self.guidance_embedder is not None, has_labels=self.y_embedder is not None,
-                           num_classes=self.num_classes)
+                           num_classes=self.num_classes, conditions=self.config.conditions)
 
     # -- accounting -----------------------------------------------------------------------------
     def forward_flops(self, batch: int) -> float:
@@ -326,7 +427,8 @@ class DiT(nn.Module):
         final = 2 * N * D * out + 2 * D * 2 * D
         patch = 2 * N * out * D
         embed = len(self.time_embedders()) * 2 * (FREQUENCY_DIM * D + D * D)
-        return float(batch * (L * block + final + patch + embed))
+        aux = self.head_depth * block + final if self.aux_final_layer is not None else 0   # both heads
+        return float(batch * (L * block + final + patch + embed + aux))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -64,14 +64,18 @@ def final_layer_jvp(layer: nn.Module, x: Tensor, c: Tensor, tx: Tensor | None, t
 
 
 def dit_jvp(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | None, cond: dict[str, Tensor],
-            tangents: tuple[Tensor | None, Tensor | None, Tensor | None]) -> Dual:
+            tangents: tuple[Tensor | None, Tensor | None, Tensor | None],
+            head: str = "main") -> Dual | tuple[Tensor, Tensor, Tensor]:
     """``(F(x, t, s, y, cond), J·(tx, tt, ts))`` for a :class:`fewstep.backbones.dit.DiT` ``net``.
 
     Args:
         tangents: (tx (B, C, H, W), tt (B,), ts (B,)); ``None`` entries are zero. Labels and ``cond``
-            (guidance) carry no tangent.
+            (guidance, extra conditions) carry no tangent.
+        head: ``main``, or ``both`` to also return the auxiliary head's output, computed from the
+            shared trunk's primal only (no tangent through it).
     Returns:
-        (out, tout), both (B, C, H, W); ``tout`` is zeros when every tangent is ``None``.
+        (out, tout), both (B, C, H, W) (``tout`` is zeros when every tangent is ``None``); with
+        ``head="both"``, (out, tout, aux).
     """
     from fewstep.backbones.tangents import condition_vector_jvp
 
@@ -79,12 +83,26 @@ def dit_jvp(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | 
     h, th = linear_jvp(net.x_embedder, x, tx)
     h = net.tokens(h) + net.pos_embed                                                  # (B, N, D)
     th = None if th is None else net.tokens(th)
-    c, tc = condition_vector_jvp(net, t, s, y, cond, tt, ts)
-    for block in net.blocks:
-        if th is None and tc is None:
-            h = net.run_block(block, h, c)
-        else:
-            h, th = net.run_block(block, h, c, th, tc)
-    out, tout = (net.final_layer(h, c), None) if th is None and tc is None else net.final_layer(h, c, th, tc)
+    (c0, tc0), (c1, tc1) = condition_vector_jvp(net, t, s, y, cond, tt, ts)
+
+    def run(blocks, start: int, h: Tensor, th: Tensor | None, tangent: bool = True) -> Dual:
+        for i, block in enumerate(blocks, start=start):
+            c, tc = (c0, tc0) if i < net.split else (c1, tc1)
+            tc = tc if tangent else None
+            if th is None and tc is None:
+                h = net.run_block(block, h, c)
+            else:
+                h, th = net.run_block(block, h, c, th, tc)
+        return h, th
+
+    trunk = net.config.depth - net.head_depth
+    h, th = run(net.blocks[:trunk], 0, h, th)
+    heads = net.heads()
+    g, tg = run(heads[0][0], trunk, h, th)
+    out, tout = (net.final_layer(g, c1), None) if tg is None and tc1 is None else net.final_layer(g, c1, tg, tc1)
     out = net.unpatchify(out)
-    return out, (torch.zeros_like(out) if tout is None else net.unpatchify(tout))
+    tout = torch.zeros_like(out) if tout is None else net.unpatchify(tout)
+    if head != "both":
+        return out, tout
+    a, _ = run(heads[1][0], trunk, h, None, tangent=False)          # primal only: no tangent work
+    return out, tout, net.unpatchify(net.aux_final_layer(a, c1))

@@ -1,22 +1,27 @@
 """A residual MLP backbone for low-dimensional (``points``) data, meeting the same contract as the DiT.
 
-``F(x, t, s, y, guidance)``: the item (B, C, H, W) is flattened to (B, C·H·W) and projected to the
-width; the conditioning vector c is the sum of sinusoidal-MLP embeddings of t, of the gap t − s
-(``gap_embedder``; never s itself), of a per-sample guidance scalar (``guidance_embedder``) and of the
-label (a table with a null row at index ``num_classes``). Each residual block is
+``F(x, t, s, y, guidance, **conditions)``: the item (B, C, H, W) is flattened to (B, C·H·W) and
+projected to the width; the conditioning vector c is the sum of sinusoidal-MLP embeddings of the times
+(as ``time_mode`` says: t and the gap t − s by default), of a per-sample guidance scalar
+(``guidance_embedder``), of each extra scalar condition (``conditions``) and of the label (a table with a
+null row at index ``num_classes``). Each residual block is
 ``h ← h + fc2(SiLU(fc1(LN(h)·(1 + scale) + shift)))`` with (shift, scale) = Linear(SiLU(c)) — DiT's
 adaLN without the gate — and the output layer (LN → Linear) starts at zero, so an untrained net
-predicts 0. Pure and JVP-safe: no in-place ops, no data-dependent control flow under forward AD.
+predicts 0. The conditioning switches are the DiT's (``time_mode``, ``split_depth``, ``conditions``,
+``aux_head``; docs/design/frontier.md §1). Pure and JVP-safe: no in-place ops, no data-dependent control
+flow under forward AD.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from fewstep.backbones.inputs import check_conditioning, condition_vector
+from fewstep.backbones.dit import aux_depth, check_family_build, check_head, family_checks
+from fewstep.backbones.inputs import check_conditioning, condition_vector, split_index
 from fewstep.backbones.layers import EPS, FREQUENCY_DIM, TimestepEmbedder
 from fewstep.config import BackboneConfig
 from fewstep.contracts import DataSpec
@@ -30,10 +35,14 @@ class MLPConfig(BackboneConfig):
     Attributes:
         width: hidden width W of every layer and of the conditioning vector.
         depth: number of residual blocks (each two W×W layers plus a W → 2W modulation).
-        gap_embedder: embed the gap t − s with its own sinusoidal MLP (two-time objectives).
+        gap_embedder: the backbone takes a second time s (two-time objectives), embedded as
+            ``time_mode`` says.
         guidance_embedder: embed a per-sample guidance scalar (TVM feeds β = 1/w).
         time_scale: times, gaps and guidance are multiplied by this before the sinusoid
             (1: raw [0, 1] values as TVM; 1000: original DiT). Same meaning as the DiT's.
+        time_mode, split_depth, conditions, aux_head, aux_head_depth: as the DiT's
+            (:class:`fewstep.backbones.dit.DiTConfig`); blocks are the residual blocks, the output layer
+            is the final layer.
     """
 
     name: str = "mlp"
@@ -42,11 +51,17 @@ class MLPConfig(BackboneConfig):
     gap_embedder: bool = False
     guidance_embedder: bool = False
     time_scale: float = 1.0
+    time_mode: Literal["t+h", "h", "t+s", "split"] = "t+h"
+    split_depth: int | None = None
+    conditions: tuple[str, ...] = ()
+    aux_head: bool = False
+    aux_head_depth: int | None = None
 
     def __post_init__(self) -> None:
         for ok, message in [(self.width >= 1, f"width must be ≥ 1, got {self.width}"),
                             (self.depth >= 1, f"depth must be ≥ 1, got {self.depth}"),
-                            (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}")]:
+                            (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}"),
+                            *family_checks(self)]:
             if not ok:
                 raise ValueError(f"MLPConfig: {message}")
 
@@ -86,21 +101,31 @@ class MLP(nn.Module):
         if in_channels < 1 or input_size < 1 or num_classes < 0:
             raise ValueError(f"MLP needs in_channels ≥ 1, input_size ≥ 1 and num_classes ≥ 0, got "
                              f"{in_channels}, {input_size}, {num_classes}")
-        W = config.width
+        check_family_build(config, "MLP", config.depth)
+        W, scale = config.width, config.time_scale
         self.config, self.in_channels, self.input_size, self.num_classes = config, in_channels, input_size, num_classes
+        self.time_mode = config.time_mode
         self.features = in_channels * input_size * input_size
         self.in_proj = nn.Linear(self.features, W)
-        self.t_embedder = TimestepEmbedder(W, config.time_scale)
-        self.gap_embedder = TimestepEmbedder(W, config.time_scale) if config.gap_embedder else None
-        self.guidance_embedder = TimestepEmbedder(W, config.time_scale) if config.guidance_embedder else None
+        self.t_embedder = TimestepEmbedder(W, scale) if config.time_mode != "h" else None
+        second = config.gap_embedder and config.time_mode != "split"
+        self.gap_embedder = TimestepEmbedder(W, scale) if second else None
+        self.guidance_embedder = TimestepEmbedder(W, scale) if config.guidance_embedder else None
+        self.cond_embedders = nn.ModuleDict({name: TimestepEmbedder(W, scale) for name in config.conditions})
         self.y_embedder = nn.Embedding(num_classes + 1, W) if num_classes > 0 else None
         self.blocks = nn.ModuleList(ResBlock(W) for _ in range(config.depth))
         self.out_norm = nn.LayerNorm(W, elementwise_affine=False, eps=EPS)
         self.out_proj = nn.Linear(W, self.features)
+        self.head_depth = aux_depth(config, config.depth)
+        self.aux_blocks = nn.ModuleList(ResBlock(W) for _ in range(self.head_depth))
+        self.aux_out_proj = nn.Linear(W, self.features) if config.aux_head else None
+        self.split = split_index(self)
         self.initialize_weights()
 
     def time_embedders(self) -> list[TimestepEmbedder]:
-        return [e for e in (self.t_embedder, self.gap_embedder, self.guidance_embedder) if e is not None]
+        """Every sinusoidal-MLP embedder: time, second time, guidance and the extra conditions."""
+        fixed = [e for e in (self.t_embedder, self.gap_embedder, self.guidance_embedder) if e is not None]
+        return fixed + list(self.cond_embedders.values())
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -116,36 +141,51 @@ class MLP(nn.Module):
                     nn.init.zeros_(m.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
-        nn.init.zeros_(self.out_proj.weight)
-        nn.init.zeros_(self.out_proj.bias)
+        for proj in (self.out_proj, self.aux_out_proj):
+            if proj is not None:
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
 
-    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
-                **cond: Tensor) -> Tensor:
-        """x (B, C, H, W); t, s (B,) floats (s=None: one-time call, no gap term); y (B,) int64 in
+    def forward(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None, *,
+                head: str = "main", **cond: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, C, H, W); t, s (B,) floats (s=None: one-time call); y (B,) int64 in
         [0, num_classes] (num_classes = null; None = all null); ``guidance=`` (B,) float iff the
-        guidance embedder exists. Returns (B, C, H, W) in x's dtype."""
+        guidance embedder exists, one (B,) float per name in ``config.conditions``. ``head``: ``main``,
+        ``aux`` or ``both`` (the pair; needs ``aux_head``). Returns (B, C, H, W) in x's dtype."""
         self._check_inputs(x, t, s, y, cond)
-        c = condition_vector(self, t, s, y, cond)
+        check_head(self, head, None)
+        c_early, c_late = condition_vector(self, t, s, y, cond)
         h = self.in_proj(x.reshape(x.shape[0], self.features))
-        for block in self.blocks:
-            h = block(h, c)
-        return self.out_proj(self.out_norm(h)).reshape(x.shape)
+        trunk = self.config.depth - self.head_depth
+        for i, block in enumerate(self.blocks[:trunk]):
+            h = block(h, c_early if i < self.split else c_late)
+        outs = []
+        heads = [("main", self.blocks[trunk:], self.out_proj), ("aux", self.aux_blocks, self.aux_out_proj)]
+        for name, blocks, proj in heads:
+            if head not in (name, "both"):
+                continue
+            g = h
+            for i, block in enumerate(blocks, start=trunk):
+                g = block(g, c_early if i < self.split else c_late)
+            outs.append(proj(self.out_norm(g)).reshape(x.shape))
+        return outs[0] if head != "both" else tuple(outs)
 
     def _check_inputs(self, x: Tensor, t: Tensor, s: Tensor | None, y: Tensor | None,
                       cond: dict[str, Tensor]) -> None:
         C, R = self.in_channels, self.input_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (C, R, R):
             raise ValueError(f"x must be (B, C, H, W) = (B, {C}, {R}, {R}) for this MLP, got shape {tuple(x.shape)}")
-        check_conditioning("MLP", x.shape[0], t, s, y, cond, has_gap=self.gap_embedder is not None,
+        check_conditioning("MLP", x.shape[0], t, s, y, cond, has_gap=self.config.gap_embedder,
                            has_guidance=self.guidance_embedder is not None, has_labels=self.y_embedder is not None,
-                           num_classes=self.num_classes)
+                           num_classes=self.num_classes, conditions=self.config.conditions)
 
     def forward_flops(self, batch: int) -> float:
         """Matmul FLOPs (2 × multiply-adds) of one forward on ``batch`` samples; norms, activations and
         the label lookup are ignored."""
         W, L, F = self.config.width, self.config.depth, self.features
         embed = len(self.time_embedders()) * (FREQUENCY_DIM * W + W * W)
-        return float(2 * batch * (F * W + L * 4 * W * W + embed + W * F))
+        aux = self.head_depth * 4 * W * W + W * F if self.aux_out_proj is not None else 0   # both heads
+        return float(2 * batch * (F * W + L * 4 * W * W + embed + W * F + aux))
 
 
 @backbones.register("mlp", summary="residual MLP, width 256, depth 3, adaLN conditioning (toy2d points)")

@@ -190,15 +190,40 @@ def timestep_embedder_jvp(emb: TimestepEmbedder, t: Tensor, tt: Tensor | None) -
     return linear_jvp(emb.mlp[2], h, th)
 
 
-def condition_vector_jvp(net: nn.Module, t: Tensor, s: Tensor | None, y: Tensor | None,
-                         cond: dict[str, Tensor], tt: Tensor | None, ts: Tensor | None) -> Dual:
-    """c = emb_t(t) + emb_gap(t − s) + emb_guidance(β) + E[y] and its tangent along (tt, ts);
-    guidance and labels carry no tangent (see :func:`fewstep.backbones.inputs.condition_vector`)."""
+def time_conditions_jvp(net: nn.Module, t: Tensor, s: Tensor | None, tt: Tensor | None,
+                        ts: Tensor | None) -> tuple[Dual, Dual]:
+    """:func:`fewstep.backbones.inputs.time_conditions` with tangents: ((c_early, tc_early), (c_late,
+    tc_late)) along (tt, ts), for each ``time_mode``."""
+    mode = net.time_mode
+    if mode == "split":
+        early = timestep_embedder_jvp(net.t_embedder, t, tt)
+        if s is None:
+            return early, early
+        return early, timestep_embedder_jvp(net.t_embedder, s, ts)
+    if mode == "h":
+        if s is None:
+            c = timestep_embedder_jvp(net.gap_embedder, torch.zeros_like(t), None)
+        else:
+            c = timestep_embedder_jvp(net.gap_embedder, t - s, add(tt, None if ts is None else -ts))
+        return c, c
     c, tc = timestep_embedder_jvp(net.t_embedder, t, tt)
-    if net.gap_embedder is not None and s is not None:
-        tgap = add(tt, None if ts is None else -ts)
-        g, tg = timestep_embedder_jvp(net.gap_embedder, t - s, tgap)
+    if mode == "t+s" and net.gap_embedder is not None:
+        g, tg = timestep_embedder_jvp(net.gap_embedder, t if s is None else s, tt if s is None else ts)
         c, tc = c + g, add(tc, tg)
-    from fewstep.backbones.inputs import add_static_conditions
+    elif mode == "t+h" and net.gap_embedder is not None and s is not None:
+        g, tg = timestep_embedder_jvp(net.gap_embedder, t - s, add(tt, None if ts is None else -ts))
+        c, tc = c + g, add(tc, tg)
+    return (c, tc), (c, tc)
 
-    return add_static_conditions(net, c, t.shape[0], y, cond), tc
+
+def condition_vector_jvp(net: nn.Module, t: Tensor, s: Tensor | None, y: Tensor | None,
+                         cond: dict[str, Tensor], tt: Tensor | None, ts: Tensor | None) -> tuple[Dual, Dual]:
+    """((c_early, tc_early), (c_late, tc_late)): the conditioning vectors of
+    :func:`fewstep.backbones.inputs.condition_vector` and their tangents along (tt, ts); guidance, extra
+    conditions and labels carry no tangent."""
+    from fewstep.backbones.inputs import fold, static_conditions
+
+    early, late = time_conditions_jvp(net, t, s, tt, ts)
+    terms = static_conditions(net, t.shape[0], y, cond, t.device)
+    early_c = (fold(early[0], terms), early[1])
+    return early_c, (early_c if late is early else (fold(late[0], terms), late[1]))

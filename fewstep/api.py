@@ -5,7 +5,7 @@ A plugin is one module that subclasses :class:`Objective` (or writes a backbone 
 metric) and one entry-point line in its ``pyproject.toml``::
 
     [project.entry-points."fewstep.objectives"]
-    shortcut = "fewstep_shortcut:Shortcut"
+    xpred = "fewstep_xpred:XPrediction"
 
 Groups: ``fewstep.objectives`` (an :class:`Objective` subclass), ``fewstep.backbones`` (a function
 ``(base: BackboneConfig | None) -> BackboneConfig``; keep the switches of a ``base`` of your own family),
@@ -22,11 +22,15 @@ Labels are int64 in ``[0, num_classes)``; ``num_classes`` is the null label (lab
 
 **How the trainer uses an objective** (``fewstep train``; :mod:`fewstep.train.loop`):
 
-1. ``resolve(cfg)`` gives the backbone a gap embedder iff ``needs.time_inputs == 2`` and a guidance
-   embedder iff ``needs.guidance_input``; ``cfg.backbone.build(spec)`` builds it and
+1. ``resolve(cfg)`` gives the backbone a gap embedder iff ``needs.time_inputs == 2``, a guidance
+   embedder iff ``needs.guidance_input``, and ``needs.time_mode``, ``needs.conditions`` and
+   ``needs.aux_head`` (from ``YourObjective.needs_for(config)``, which returns ``needs`` unless a
+   setting changes them); ``cfg.backbone.build(spec)`` builds it and
    ``YourObjective(backbone, config, num_classes=spec.num_classes, ema_betas=...)`` wraps it (the
-   constructor may add teachers or small nets of its own). Accelerate then wraps the objective, so
-   every JVP runs inside the DDP/FSDP forward.
+   constructor may add teachers or small nets of its own). A new run with ``train.init_from`` then
+   loads another run's weights into the backbone, its EMA tracks and teachers (step 0 only; your own
+   extra modules keep their initialisation). Accelerate then wraps the objective, so every JVP runs
+   inside the DDP/FSDP forward.
 2. Each micro-batch: ``out = objective(x, y, generator, nimg)`` with x (B, C, H, W) float32 (pixels in
    [−1, 1]), y (B,) int64 or ``None``, ``generator`` a ``torch.Generator`` on x's device that must drive
    every random draw, and ``nimg`` the images seen so far (warm-ups are in images, never steps).

@@ -16,13 +16,22 @@ from fewstep.registry import objectives
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Give the backbone exactly the embedders the objective feeds: a gap embedder iff it makes two-time
-    calls, a guidance embedder iff it feeds a guidance input. (An embedder that is never fed would get
-    no gradient, which DDP rejects, and would make checkpoints of different objectives differ for
-    nothing.) The saved config is the resolved one, so it states exactly what was trained.
+    """Give the backbone exactly the conditioning the objective feeds (``needs_for(config)``): a gap
+    embedder iff it makes two-time calls, a guidance embedder iff it feeds a guidance input, and its
+    ``time_mode``, extra ``conditions`` and auxiliary head (docs/design/frontier.md §1). (An embedder
+    that is never fed would get no gradient, which DDP rejects, and would make checkpoints of different
+    objectives differ for nothing.) The saved config is the resolved one, so it states exactly what was
+    trained. A backbone without one of these switches is refused when the objective needs it.
     """
-    needs = objectives.get(cfg.objective.name).needs
-    wanted = {"gap_embedder": needs.time_inputs == 2, "guidance_embedder": needs.guidance_input}
+    needs = objectives.get(cfg.objective.name).needs_for(cfg.objective)
+    wanted = {"gap_embedder": needs.time_inputs == 2, "guidance_embedder": needs.guidance_input,
+              "time_mode": needs.time_mode, "conditions": tuple(needs.conditions), "aux_head": needs.aux_head}
+    plain = {"gap_embedder": False, "guidance_embedder": False, "time_mode": "t+h", "conditions": (), "aux_head": False}
+    lacking = [k for k, v in wanted.items() if not hasattr(cfg.backbone, k) and v != plain[k]]
+    if lacking:
+        raise ConfigError(f"objective {cfg.objective.name!r} needs the backbone switches "
+                          f"{', '.join(f'{k}={wanted[k]!r}' for k in lacking)}, which backbone {cfg.backbone.name!r} "
+                          f"({type(cfg.backbone).__name__}) does not have; use a DiT (dit-*) or the mlp")
     changes = {k: v for k, v in wanted.items() if hasattr(cfg.backbone, k) and getattr(cfg.backbone, k) != v}
     if changes:
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, **changes))
@@ -46,6 +55,47 @@ def build_objective(cfg: RunConfig, spec: DataSpec) -> Objective:
     from fewstep.schedules import ema_tracks
 
     return cls(backbone, cfg.objective, num_classes=spec.num_classes, ema_betas=ema_tracks(cfg.train))
+
+
+def init_from_run(objective: Objective, source: str | os.PathLike) -> str:
+    """Start ``objective`` from another run's evaluation weights (``train.init_from``; docs/design/frontier.md §7).
+
+    The source's ``sample.weights`` track (an EMA, or ``online``) is loaded into ``objective.backbone``
+    and copied into its EMA tracks and teachers, so every copy starts from the same weights; anything
+    else the objective owns (DMF's log-variance) keeps its initialisation.
+
+    Args:
+        objective: a freshly built objective (before its first step).
+        source: a run directory (its newest valid checkpoint is used) or one checkpoint directory.
+    Returns:
+        What was loaded, for the log: ``"<weights> weights of <checkpoint> (step N, K kimg)"``.
+    Raises:
+        CheckpointError: the source has no valid checkpoint, lacks the weights, or its backbone's
+            parameter names or shapes differ from this one's (one line naming the first differences).
+    """
+    ckpt = find_checkpoint(source)
+    weights = run_config_from_dict(ckpt.manifest["config"]).sample.weights
+    prefix = "backbone." if weights == "online" else f"ema.{weights}."
+    state = {k[len(prefix):]: v for k, v in ckpt.tensors("objective.safetensors").items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"init_from {source}: checkpoint {ckpt.path} has no {weights!r} weights "
+                              f"(no tensors under {prefix!r})")
+    own = objective.backbone.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{name} {items[:3]}{'…' if len(items) > 3 else ''}"
+                 for name, items in (("missing here", unexpected), ("missing in the source", missing),
+                                     ("shape (source vs here)", shapes)) if items]
+        raise CheckpointError(f"init_from {source}: the source backbone does not fit this one ({'; '.join(parts)}); "
+                              f"start from a run of the same backbone (flavour, width, patch, classes and "
+                              f"embedders; a dmf run converts an fm run of the same DiT)")
+    copies = [objective.backbone, *objective.ema.values(), *(m for m, _ in objective.teacher_tracks())]
+    for module in copies:
+        module.load_state_dict(state)
+    return f"{weights} weights of {ckpt.path} (step {ckpt.step}, {float(ckpt.manifest['kimg']):g} kimg)"
 
 
 def spec_from_dict(data: dict) -> DataSpec:
@@ -151,7 +201,9 @@ def with_defaults(saved: dict) -> dict:
 def check_compatible(saved: dict, saved_spec: dict | None, cfg: RunConfig, spec: DataSpec, where: str,
                      allowed: set[str] | frozenset[str] = frozenset()) -> None:
     """Refuse to continue ``saved`` (a config dict from ``config.json`` or a checkpoint manifest) with
-    ``cfg``/``spec`` when anything but the ``allowed`` keys differs; the error lists the differences."""
+    ``cfg``/``spec`` when anything but the ``allowed`` keys differs; the error lists the differences.
+    A field the saved config lacks (added to fewstep after the run started) counts as its default
+    (:func:`with_defaults`), which by design is the behaviour from before the field existed."""
     changes = config_changes(with_defaults(saved), to_dict(cfg), allowed)
     if saved_spec is not None:
         own = dataclasses.asdict(spec)

@@ -139,6 +139,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Training seed (train.seed)."),
     out: Optional[Path] = typer.Option(None, help="Run directory; an existing run there is resumed. Default: runs/NNNNN-…"),
     set_: list[str] = typer.Option([], "--set", help="Override a config field: section.field=value (repeatable)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from this run's (or checkpoint's) EMA "
+                                             "weights at step 0 (train.init_from), e.g. --objective dmf from an fm run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything that can be checked without "
                                  "training (config, batch layout, data; on a CPU, warn when the memory would not "
                                  "do), print the resolved config and exit."),
@@ -151,6 +153,8 @@ def train(
     """Train a model; writes config.json, log.jsonl, checkpoints and sample grids to the run directory."""
     try:
         cfg = build_config(recipe, objective, backbone, data, kimg, batch, set_, lr=lr, seed=seed)
+        if init_from is not None:
+            cfg.train.init_from = str(init_from.resolve())
         from fewstep.build import resolve
 
         cfg = resolve(cfg)
@@ -682,7 +686,8 @@ def bench_data(
 
 @app.command()
 def sweep(
-    objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect)."),
+    objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect); "
+                                             "objective@member starts from that member's finished run (fm,dmf@fm)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe every member starts from, e.g. fashion-mnist-sweep or toy2d."),
     out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished members and resumes the "
                              "others (a larger --kimg/--minutes trains finished members on)."),
@@ -726,7 +731,7 @@ def sweep(
         if dry_run:
             from fewstep.build import config_changes
 
-            configs = {m.name: to_dict(member_config(spec, m)) for m in spec.members}
+            configs = {m.name: to_dict(member_config(spec, m, out)) for m in spec.members}
             console.print_json(json.dumps(spec_to_dict(spec)))
             first = next(iter(configs))
             for name, cfg in configs.items():

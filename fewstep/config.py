@@ -123,6 +123,13 @@ class TrainConfig:
         distributed: with several processes, ``ddp`` (every rank holds the model; Accelerate's DDP
             wraps the objective) or ``fsdp2`` (parameters, EMA tracks and teacher sharded over ranks
             with ``fully_shard``); see :mod:`fewstep.train.distributed` and docs/distributed.md.
+        init_from: a run directory (its newest valid checkpoint) or a checkpoint directory whose
+            weights start this run: the source's evaluation weights (its ``sample.weights``, an EMA
+            track) are loaded into the backbone, its EMA tracks and teachers when the run starts from
+            step 0, never when it resumes (:func:`fewstep.build.init_from_run`). The backbone's
+            parameter names and shapes must match the source's; objective-owned extras (DMF's
+            log-variance) keep their initialisation. ``fewstep train --init-from RUN`` sets it; e.g. a
+            ``dmf`` run from an ``fm`` run of the same DiT (docs/design/frontier.md §7).
     """
 
     total_kimg: float = 10.0
@@ -158,6 +165,7 @@ class TrainConfig:
     cpu_threads: int | None = None
     trackers: tuple[str, ...] = ()
     tracker_project: str = "fewstep"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:

@@ -83,6 +83,12 @@ class ObjectiveNeeds:
         guidance_input: whether the backbone needs a guidance embedder.
         renoise: whether :meth:`Objective.step` needs fresh noise (consistency models jump to the data
             end and re-noise to ``s``); the sampler then passes per-seed ``noise``.
+        time_mode: how a two-time backbone embeds (t, s): ``t+h`` (t and the gap t − s), ``h`` (the gap
+            only), ``t+s`` (both absolute times) or ``split`` (t for early blocks, s for late ones);
+            docs/design/frontier.md §1.
+        conditions: names of extra per-sample scalar conditions the backbone must embed (keyword
+            inputs, each (B,) float), e.g. iMF's ``("omega", "t_min", "t_max")``.
+        aux_head: whether the backbone needs an auxiliary output head (``head="aux"``/``"both"``).
     """
 
     time_inputs: Literal[1, 2]
@@ -91,6 +97,9 @@ class ObjectiveNeeds:
     cfg: Literal["none", "sampling", "distilled"]
     guidance_input: bool = False
     renoise: bool = False
+    time_mode: Literal["t+h", "h", "t+s", "split"] = "t+h"
+    conditions: tuple[str, ...] = ()
+    aux_head: bool = False
 
 
 @dataclass
@@ -161,6 +170,12 @@ class Objective(nn.Module):
     #: The log entry that shows training progress (sweeps plot it in ``loss_curves.png``). ``"loss"``
     #: unless the optimised loss hides progress, e.g. under adaptive weights that normalise it to ≈ 1.
     progress_log: ClassVar[str] = "loss"
+
+    @classmethod
+    def needs_for(cls, config: ObjectiveConfig) -> ObjectiveNeeds:
+        """What this objective needs with ``config`` (``needs`` unless a setting changes it, e.g. iMF
+        without its auxiliary head); the trainer builds the backbone from it."""
+        return cls.needs
 
     def __init__(self, backbone: nn.Module, config: ObjectiveConfig, num_classes: int,
                  ema_betas: dict[str, float] | None = None):

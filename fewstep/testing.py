@@ -4,9 +4,9 @@ Two ways in. pytest mixins (tests are methods named ``test_*``; the mixin itself
 
     from fewstep.testing import ObjectiveContract, BackboneContract, tiny_objective
 
-    class TestShortcut(ObjectiveContract):
+    class TestXPrediction(ObjectiveContract):
         def make_objective(self):
-            return tiny_objective("shortcut")       # or any Objective instance on a small backbone
+            return tiny_objective("xpred")          # or any Objective instance on a small backbone
 
 Or plain functions, each raising :class:`ContractError` (an ``AssertionError``) whose message names the
 component, the rule and the fix: :func:`check_objective` (all objective checks) and
@@ -505,10 +505,14 @@ def check_objective(objective: Objective, *, batch: int = 4, skip: tuple[str, ..
 # ---------------------------------------------------------------------------------------------------
 def switch_variants(config: BackboneConfig) -> list[BackboneConfig]:
     """``config`` under every combination of the embedder switches it has (``gap_embedder``,
-    ``guidance_embedder``: the trainer sets them per objective, so each must work)."""
+    ``guidance_embedder``: the trainer sets them per objective, so each must work). A ``time_mode="h"``
+    config embeds only the gap, so it keeps ``gap_embedder=True``."""
     names = [n for n in ("gap_embedder", "guidance_embedder") if isinstance(getattr(config, n, None), bool)]
-    return [dataclasses.replace(config, **dict(zip(names, values)))
-            for values in itertools.product((False, True), repeat=len(names))]
+    variants = [dataclasses.replace(config, **dict(zip(names, values)))
+                for values in itertools.product((False, True), repeat=len(names))]
+    if getattr(config, "time_mode", None) == "h":
+        variants = [v for v in variants if v.gap_embedder]
+    return variants
 
 
 def _inputs(config: BackboneConfig, spec: DataSpec, batch: int, seed: int, dtype: torch.dtype = torch.float32,
@@ -522,7 +526,17 @@ def _inputs(config: BackboneConfig, spec: DataSpec, batch: int, seed: int, dtype
     y = torch.randint(spec.num_classes + 1, (batch,), generator=gen) if spec.num_classes else None
     cond = ({"guidance": 0.1 + 0.9 * torch.rand(batch, generator=gen, dtype=dtype)}
             if getattr(config, "guidance_embedder", False) else {})
+    for name in getattr(config, "conditions", ()):   # extra scalar conditions (docs/design/frontier.md §1)
+        cond[name] = torch.rand(batch, generator=gen, dtype=dtype)
     return x, t, s, y, cond
+
+
+def _outputs(net: nn.Module, config: BackboneConfig, *args: Any, **kwargs: Any) -> Tensor:
+    """The backbone's output; with an auxiliary head, the main and auxiliary outputs stacked along a new
+    first dimension (so every check covers both heads)."""
+    if getattr(config, "aux_head", False):
+        return torch.stack(net(*args, head="both", **kwargs))
+    return net(*args, **kwargs)
 
 
 def check_backbone_config(config: BackboneConfig, spec: DataSpec) -> nn.Module:
@@ -570,7 +584,7 @@ def check_backbone_gradients(net: nn.Module, config: BackboneConfig, spec: DataS
     """With every embedder fed, each trainable parameter gets a finite, non-zero gradient."""
     x, t, s, y, cond = _inputs(config, spec, batch, 1)
     twin = perturbed(net).train()
-    out = twin(x, t, s, y, **cond)
+    out = _outputs(twin, config, x, t, s, y, **cond)
     (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
     _grad_report(net, twin, allow_no_grad)
 
@@ -633,6 +647,11 @@ def check_backbone_jvp(net: nn.Module, config: BackboneConfig, spec: DataSpec, b
         err = (own - tangent).abs().max().item()
         if not err <= 1e-9 * (1 + tangent.abs().max().item()):
             _fail(net, f"forward(..., tangents=) differs from torch.func.jvp by {err:.3g}: a wrong tangent rule")
+        if getattr(config, "aux_head", False):   # the auxiliary output rides along, without a tangent
+            _, _, aux = twin(x, t, s, y, tangents=full, head="both", **cond)
+            if not torch.allclose(aux, twin(x, t, s, y, head="aux", **cond), rtol=0, atol=1e-12):
+                _fail(net, "forward(..., tangents=, head='both') returns an auxiliary output that differs from "
+                           "forward(..., head='aux')")
 
 
 def check_backbone_save_load(config: BackboneConfig, spec: DataSpec, batch: int = 4) -> None:

@@ -4,8 +4,11 @@ All times follow the toolkit convention: t = 1 is noise, t = 0 is data.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
@@ -48,3 +51,54 @@ def mean_flat(x: Tensor) -> Tensor:
 def per_sample(v: Tensor, like: Tensor) -> Tensor:
     """Broadcast a (B,) per-sample value against ``like`` (B, C, H, W)."""
     return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def adaptive_weight(L: Tensor, p: float, c: float) -> Tensor:
+    """MeanFlow's adaptive loss weight 1/sg((L + c)^p) of per-sample losses L (B,) (p = 1, c = 0.01 on
+    ImageNet; objectives.md §2.2): loss = weight·L normalises L to ≈ 1 without a gradient through it."""
+    return 1.0 / (L.detach() + c) ** p
+
+
+def two_logit_normal_times(n: int, mean: float, std: float, equal_fraction: float,
+                           generator: torch.Generator | None, device: torch.device,
+                           dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """MeanFlow's (t, r) sampler: two independent σ(N(mean, std²)) draws, t = max and r = min, then the
+    first round(equal_fraction·n) samples (half up) get r = t. Each (n,) in (0, 1) with r ≤ t.
+
+    Randomness, in order: n normals (first draw), n normals (second draw) from ``generator``.
+    """
+    a = logit_normal(n, mean, std, generator, device).to(dtype)
+    b = logit_normal(n, mean, std, generator, device).to(dtype)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    k = int(equal_fraction * n + 0.5)
+    equal = torch.arange(n, device=device) < k
+    return t, torch.where(equal, t, r)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` (and its children) in eval mode for a block, restoring each one's mode after
+    (guidance and bootstrap passes of the online net run in eval mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def jump(x: Tensor, t: Tensor, s: Tensor, u: Tensor) -> Tensor:
+    """x_s = x_t − (t − s)·u: the jump t → s of an average velocity u (MeanFlow's map); x, u (B, C, H, W)
+    and t, s (B,); computed in x's dtype."""
+    return x - per_sample(t - s, x).to(x.dtype) * u.to(x.dtype)
+
+
+def renoise(x0: Tensor, s: Tensor, noise: Tensor | None, who: str) -> Tensor:
+    """(1 − s)·x̂₀ + s·noise: a data-end prediction x̂₀ re-noised to time s (consistency and restart
+    samplers); x̂₀ itself when no noise is given and every s is 0. ``who`` names the sampler in errors."""
+    if noise is None:
+        if bool((s > 0).any()):
+            raise ValueError(f"{who} to s > 0 needs noise= (the sampler passes it when needs.renoise)")
+        return x0
+    return per_sample(1 - s, x0).to(x0.dtype) * x0 + per_sample(s, x0).to(x0.dtype) * noise.to(x0.dtype)

@@ -40,7 +40,8 @@ def functorch_jvp(enabled: bool = True) -> Iterator[None]:
 
 def backbone_jvp(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None,
                  tangents: tuple[Tensor | None, Tensor | None, Tensor | None], *, y: Tensor | None = None,
-                 detach_tangent: bool = False, **cond: Tensor) -> tuple[Tensor, Tensor]:
+                 detach_tangent: bool = False, head: str = "main",
+                 **cond: Tensor) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """(net(x, t, s, y, **cond), its JVP along tangents = (tx, tt, ts)).
 
     Args:
@@ -48,24 +49,31 @@ def backbone_jvp(net: nn.Module, x: Tensor, t: Tensor, s: Tensor | None,
         x (B, C, H, W), t (B,), s (B,) or ``None``: the point; ``y`` and ``cond`` get no tangent.
         tangents: (tx, tt, ts) shaped like (x, t, s); ``None`` entries are zero.
         detach_tangent: return the tangent without a graph (stop-gradient targets).
+        head: ``main``, or ``both`` for a backbone with an auxiliary head: its output is returned too,
+            from the same call, with its graph but without a tangent (iMF's v-head).
     Returns:
-        (output, tangent_output), both shaped like x.
+        (output, tangent_output), both shaped like x; with ``head="both"``, (output, tangent, aux).
     """
     if getattr(net, "supports_tangents", False) and _force_functorch == 0:
-        out, tout = net(x, t, s, y=y, tangents=tangents, **cond)
-        return out, (tout.detach() if detach_tangent else tout)
+        outs = net(x, t, s, y=y, tangents=tangents, head=head, **cond)
+        out, tout = outs[0], outs[1]
+        tout = tout.detach() if detach_tangent else tout
+        return (out, tout) if head == "main" else (out, tout, outs[2])
     tx, tt, ts = tangents
     tx = torch.zeros_like(x) if tx is None else tx
     tt = torch.zeros_like(t) if tt is None else tt
+    extra = {} if head == "main" else {"head": head}
     if s is None:
-        return jvp(lambda x_, t_: net(x_, t_, None, y=y, **cond), (x, t), (tx, tt), detach_tangent=detach_tangent)
-    ts = torch.zeros_like(s) if ts is None else ts
-    return jvp(lambda x_, t_, s_: net(x_, t_, s_, y=y, **cond), (x, t, s), (tx, tt, ts),
-               detach_tangent=detach_tangent)
+        primals, tans = (x, t), (tx, tt)
+        fn = lambda x_, t_: net(x_, t_, None, y=y, **extra, **cond)   # noqa: E731
+    else:
+        primals, tans = (x, t, s), (tx, tt, torch.zeros_like(s) if ts is None else ts)
+        fn = lambda x_, t_, s_: net(x_, t_, s_, y=y, **extra, **cond)   # noqa: E731
+    return jvp(fn, primals, tans, detach_tangent=detach_tangent, has_aux=head == "both")
 
 
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], *,
-        detach_tangent: bool = False) -> tuple[Tensor, Tensor]:
+        detach_tangent: bool = False, has_aux: bool = False) -> tuple[Tensor, ...]:
     """(fn(*primals), J_fn(primals)·tangents).
 
     Args:
@@ -74,8 +82,10 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
         tangents: the direction, same shapes and dtypes as ``primals``.
         detach_tangent: return the tangent without a graph (computed under no-grad w.r.t. parameters
             only when the primal is not needed with gradient; here it is detached after the fact).
+        has_aux: ``fn`` returns (output, aux); aux is returned as a third value, without a tangent.
     Returns:
-        (output, tangent_output), both shaped like ``fn``'s output.
+        (output, tangent_output), both shaped like ``fn``'s output; with ``has_aux``, (output,
+        tangent_output, aux).
     """
     if len(primals) != len(tangents):
         raise ValueError(f"jvp needs one tangent per primal, got {len(primals)} primals and {len(tangents)} tangents")
@@ -86,5 +96,7 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     # Compiled regions run eagerly under torch.func.jvp: Dynamo cannot trace a functorch transform entered
     # outside the compiled region (on CUDA it tried and failed to build the forward-AD attention kernel).
     with detached_tangents(detach_tangent), torch.compiler.set_stance("force_eager"):
-        out, tangent = torch.func.jvp(fn, primals, tangents)
-    return out, (tangent.detach() if detach_tangent else tangent)
+        result = torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
+    out, tangent = result[0], result[1]
+    tangent = tangent.detach() if detach_tangent else tangent
+    return (out, tangent, result[2]) if has_aux else (out, tangent)

@@ -29,16 +29,15 @@ linspace(1, 0, nfe + 1) (the base-class default). CFG at sampling must stay 1 (g
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import drop_labels, logit_normal, per_sample, randn
+from fewstep.objectives.common import (adaptive_weight, drop_labels, eval_mode, jump, per_sample, randn,
+                                       two_logit_normal_times)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
 
@@ -120,18 +119,6 @@ class MeanFlowTerms:
     u_tgt: Tensor
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put ``module`` (and its children) in eval mode for a block, restoring each one's mode after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 @objectives.register("meanflow", summary="MeanFlow: average velocity u(z,t,r), JVP target, CFG baked in")
 class MeanFlow(Objective):
     """MeanFlow with logit-normal (t, r), a fixed r = t fraction, adaptive weights and training-time CFG."""
@@ -149,12 +136,7 @@ class MeanFlow(Objective):
         Randomness, in order: n normals (t), n normals (r) from ``generator``.
         """
         cfg = self.config
-        a = logit_normal(n, cfg.t_mean, cfg.t_std, generator, device).to(dtype)
-        b = logit_normal(n, cfg.t_mean, cfg.t_std, generator, device).to(dtype)
-        t, r = torch.maximum(a, b), torch.minimum(a, b)
-        k = int(cfg.r_equals_t_fraction * n + 0.5)
-        equal = torch.arange(n, device=device) < k
-        return t, torch.where(equal, t, r)
+        return two_logit_normal_times(n, cfg.t_mean, cfg.t_std, cfg.r_equals_t_fraction, generator, device, dtype)
 
     def guided_velocity(self, v: Tensor, z_t: Tensor, t: Tensor, y: Tensor | None, dropped: Tensor) -> Tensor:
         """ṽ = ω·v + κ·u(z_t, t, t | y) + (1 − ω − κ)·u(z_t, t, t | ∅) where t is in the guidance interval
@@ -218,7 +200,7 @@ class MeanFlow(Objective):
         terms = self.terms(x, y, generator)
         u = terms.u.to(terms.u_tgt.dtype)
         L = ((u - terms.u_tgt) ** 2).flatten(1).sum(dim=1)                    # (B,) sum over C·H·W
-        weight = 1.0 / (L.detach() + cfg.norm_eps) ** cfg.norm_p
+        weight = adaptive_weight(L, cfg.norm_p, cfg.norm_eps)
         loss = L * weight
         with torch.no_grad():
             dims = u[0].numel()
@@ -247,5 +229,4 @@ class MeanFlow(Objective):
             raise ValueError(f"meanflow bakes guidance into training (effective scale "
                              f"{self.config.effective_guidance:g}); sample with guidance 1 or None")
         net = net if net is not None else self.backbone
-        u = net(x, t.to(x.dtype), s.to(x.dtype), y=cond.y)
-        return x - per_sample(t - s, x).to(x.dtype) * u.to(x.dtype)
+        return jump(x, t, s, net(x, t.to(x.dtype), s.to(x.dtype), y=cond.y))

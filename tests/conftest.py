@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))   # tests import their helpers (gaussian.py) by name
+sys.path.insert(0, str(Path(__file__).parent))   # tests import their helpers (oracle.py) by name
 if not torch.cuda.is_available():   # Triton kernels run on CPU through the interpreter (read at kernel import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -36,3 +36,12 @@ def write_fashion_like(directory: Path, n_train: int = 512, n_test: int = 64, se
 def fashion_dir(tmp_path_factory) -> Path:
     """A directory of small Fashion-MNIST-format files (512 train / 64 test images)."""
     return write_fashion_like(tmp_path_factory.mktemp("fashion"))
+
+
+@pytest.fixture
+def gaussian():
+    """The shared closed-form Gaussian oracle problem (tests/oracle.py, docs/design/frontier.md §2): 3 classes
+    of 1×4×4 N(μ_y, 0.25·I) and a null Gaussian of its own, float64. Every objective's oracle tests use it."""
+    from oracle import standard_problem
+
+    return standard_problem()

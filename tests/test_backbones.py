@@ -371,3 +371,107 @@ def test_cuda_bf16_tvm_jvp_step():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         fused = model(x, t, s, y, **cond)                    # SDPA path
     assert last_path() == "sdpa" and rel(fused.float(), out32) < 5e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conditioning switches of the frontier objectives (docs/design/frontier.md §1)
+# ---------------------------------------------------------------------------------------------------
+def frontier(mode: str, aux: bool = False, conditions=("omega", "t_min"), **kw) -> DiT:
+    cfg = debug(depth=3, gap_embedder=True, time_mode=mode, conditions=conditions, aux_head=aux, **kw)
+    return perturb(DiT(cfg, 3, 8, 10)).double()
+
+
+def frontier_inputs(model: DiT, batch: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 8, 8, generator=g, dtype=torch.float64)
+    t = 0.2 + 0.8 * torch.rand(batch, generator=g, dtype=torch.float64)
+    cond = {k: torch.rand(batch, generator=g, dtype=torch.float64) for k in model.config.conditions}
+    return x, t, 0.5 * t, torch.tensor([0, 4, 10])[:batch], cond
+
+
+@pytest.mark.parametrize("mode", ["t+h", "h", "t+s", "split"])
+@pytest.mark.parametrize("aux", [False, True], ids=["main", "aux"])
+def test_explicit_jvp_matches_torch_func_in_every_time_mode(mode, aux):
+    from fewstep.objectives.jvp import backbone_jvp, functorch_jvp
+
+    model = frontier(mode, aux)
+    x, t, s, y, cond = frontier_inputs(model)
+    g = torch.Generator().manual_seed(3)
+    tangents = (torch.randn(x.shape, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64),
+                torch.rand(3, generator=g, dtype=torch.float64))
+    head = "both" if aux else "main"
+    own = backbone_jvp(model, x, t, s, tangents, y=y, head=head, **cond)
+    with functorch_jvp():
+        ref = backbone_jvp(model, x, t, s, tangents, y=y, head=head, **cond)
+    assert len(own) == (3 if aux else 2)
+    for a, b in zip(own, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    h = 1e-6
+    fd = (model(x + h * tangents[0], t + h * tangents[1], s + h * tangents[2], y, **cond)
+          - model(x - h * tangents[0], t - h * tangents[1], s - h * tangents[2], y, **cond)) / (2 * h)
+    assert ((own[1] - fd).norm() / fd.norm()).item() < 1e-7
+    if aux:
+        torch.testing.assert_close(own[2], model(x, t, s, y, head="aux", **cond), rtol=0, atol=1e-12)
+
+
+def test_time_modes_embed_what_they_say():
+    x, t, s, y, cond = frontier_inputs(frontier("h"))
+    gap_only = frontier("h")
+    assert gap_only.t_embedder is None
+    torch.testing.assert_close(gap_only(x, t + 0.1, s + 0.1, y, **cond), gap_only(x, t, s, y, **cond))   # only t − s
+    torch.testing.assert_close(gap_only(x, t, None, y, **cond), gap_only(x, t, t, y, **cond))            # h = 0
+    both = frontier("t+s")
+    torch.testing.assert_close(both(x, t, None, y, **cond), both(x, t, t, y, **cond))                    # s = t
+    assert not torch.allclose(both(x, t + 0.1, s + 0.1, y, **cond), both(x, t, s, y, **cond))
+    split = frontier("split", split_depth=2)
+    assert split.gap_embedder is None and split.split == 2
+    one_time = DiT(debug(depth=3, conditions=("omega", "t_min")), 3, 8, 10).double()
+    one_time.load_state_dict(split.state_dict())                                     # the same parameters
+    assert torch.equal(split(x, t, t.clone(), y, **cond), one_time(x, t, None, y, **cond))
+    with torch.no_grad():   # s reaches only block 2 and the final layer: silence them and s is gone
+        split.blocks[2].adaLN_modulation.linear.weight.zero_()
+        split.final_layer.adaLN_modulation.linear.weight.zero_()
+    assert torch.equal(split(x, t, s, y, **cond), split(x, t, t, y, **cond))
+    assert DiT(debug(depth=28, gap_embedder=True, time_mode="split"), 3, 8, 0).split == 20   # DMF's 20 of 28
+
+
+def test_conditions_and_aux_head_add_exactly_their_parameters():
+    base = DiT(debug(depth=3), 3, 8, 10)
+    rich = DiT(debug(depth=3, conditions=("omega", "t_min", "t_max"), aux_head=True, aux_head_depth=2), 3, 8, 10)
+    count = lambda m: sum(p.numel() for p in m.parameters())                                     # noqa: E731
+    per_embedder = count(base.t_embedder)
+    extra = 3 * per_embedder + 2 * count(base.blocks[0]) + count(base.final_layer)
+    assert count(rich) - count(base) == extra
+    assert rich.forward_flops(1) > base.forward_flops(1)
+    assert DiT(debug(depth=12, aux_head=True), 3, 8, 0).head_depth == 2                  # depth // 6
+    x, t, s, y, cond = frontier_inputs(frontier("t+h", aux=True))
+    model = frontier("t+h", aux=True)
+    main, aux = model(x, t, s, y, head="both", **cond)
+    torch.testing.assert_close(main, model(x, t, s, y, **cond), rtol=0, atol=0)
+    with torch.no_grad():
+        model.aux_final_layer.linear.weight.add_(1.0)                                     # the heads are separate
+    assert torch.equal(model(x, t, s, y, **cond), main) and not torch.allclose(model(x, t, s, y, head="aux", **cond), aux)
+
+
+def frontier_bad_calls():
+    gap = DiT(debug(gap_embedder=True, time_mode="h", conditions=("omega",)), 3, 8, 5)
+    plain = DiT(debug(), 3, 8, 5)
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    return [
+        ("missing-condition", lambda: gap(x, t, t), r"missing omega=: this DiT embeds the extra conditions \['omega'\]"),
+        ("unknown-condition", lambda: gap(x, t, t, omega=t, beta=t), r"unknown conditions \['beta'\]; the DiT accepts omega="),
+        ("aux-without-head", lambda: plain(x, t, head="aux"), r"head='aux' needs an auxiliary head: build with aux_head=true"),
+        ("bad-head", lambda: plain(x, t, head="v"), r"head must be 'main', 'aux' or 'both', got 'v'"),
+        ("gap-only-needs-gap", lambda: DiT(debug(time_mode="h"), 3, 8, 5), r"time_mode 'h' embeds only the gap t − s; set gap_embedder=true"),
+        ("split-too-deep", lambda: DiT(debug(time_mode="split", gap_embedder=True, split_depth=5), 3, 8, 5),
+         r"split_depth 5 exceeds the depth 2"),
+        ("mode", lambda: debug(time_mode="t-s"), r"time_mode must be one of t\+h, h, t\+s, split"),
+        ("condition-name", lambda: debug(conditions=("guidance",)), r"conditions must be distinct identifiers"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(frontier_bad_calls())), ids=[c[0] for c in frontier_bad_calls()])
+def test_frontier_switches_fail_with_a_clear_message(case):
+    _, call, message = frontier_bad_calls()[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()

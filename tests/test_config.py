@@ -9,9 +9,14 @@ from fewstep.config import ConfigError, apply_overrides, run_config_from_dict, t
 from fewstep.registry import recipes
 
 
-@pytest.mark.parametrize("name", ["smoke", "fashion-mnist"])
-def test_recipe_round_trip_is_exact(name):
-    cfg = recipes.get(name)()
+@pytest.mark.parametrize("name,objective", [("smoke", None), ("fashion-mnist", None), ("imagenet-256-imf-b2", None),
+                                            ("imagenet-256-imf-xl2", None), ("imagenet-256-alphaflow-xl2", None),
+                                            ("imagenet-256-dmf-xl2", None), ("imagenet-256-dmf-xl2", "fm"),
+                                            ("toy2d", "shortcut"), ("fashion-mnist-sweep", "alphaflow")])
+def test_recipe_round_trip_is_exact(name, objective):
+    from fewstep.build import resolve
+
+    cfg = resolve(recipes.get(name)(objective) if objective else recipes.get(name)())
     data = json.loads(json.dumps(to_dict(cfg)))
     back = run_config_from_dict(data)
     assert back == cfg

@@ -64,8 +64,49 @@ class TestMeanFlowUnconditional(ObjectiveContract):
         return tiny_objective("meanflow", spec=UNCONDITIONAL, ema_betas={})
 
 
+class TestIMF(ObjectiveContract):
+    def make_objective(self):
+        return tiny_objective("imf")                      # auxiliary v-head, guidance inputs
+
+
+class TestIMFBoundaryOnPoints(ObjectiveContract):
+    def make_objective(self):
+        return tiny_objective("imf", v_source="boundary", backbone=tiny_mlp(), spec=POINTS)
+
+
+class TestAlphaFlow(ObjectiveContract):
+    def make_objective(self):                            # α = 1 at the start of the default curriculum
+        return tiny_objective("alphaflow")
+
+
+class TestAlphaFlowIntermediate(ObjectiveContract):
+    def make_objective(self):                            # 0 < α < 1: the extra no-grad forward
+        return tiny_objective("alphaflow", alpha_constant=0.5)
+
+
+class TestAlphaFlowMeanFlowPhase(ObjectiveContract):
+    def make_objective(self):                            # α = 0: the JVP phase; consistency sampler
+        return tiny_objective("alphaflow", alpha_constant=0.0, sampler="consistency")
+
+
+class TestDMF(ObjectiveContract):
+    def make_objective(self):
+        return tiny_objective("dmf")
+
+
+class TestDMFOnPointsRestart(ObjectiveContract):
+    def make_objective(self):
+        return tiny_objective("dmf", sampler="restart", backbone=MLPConfig(name="mlp", width=32, depth=3), spec=POINTS)
+
+
+class TestShortcut(ObjectiveContract):
+    def make_objective(self):
+        return tiny_objective("shortcut", guidance=1.5, levels=3)
+
+
 def test_every_in_tree_objective_has_a_contract_class():
-    covered = {type(cls().make_objective()).Config().name for cls in (TestFM, TestTVM, TestMeanFlow, TestSCM, TestECT)}
+    classes = (TestFM, TestTVM, TestMeanFlow, TestSCM, TestECT, TestIMF, TestAlphaFlow, TestDMF, TestShortcut)
+    covered = {type(cls().make_objective()).Config().name for cls in classes}
     in_tree = {e.name for e in objectives.entries() if e.source == "fewstep"}
     assert in_tree <= covered, f"add a contract test class for {sorted(in_tree - covered)}"
 
@@ -90,6 +131,29 @@ class TestMLP(BackboneContract):
 
     def make_config(self):
         return tiny_mlp()
+
+
+class TestDiTGapOnlyWithConditionsAndAuxHead(BackboneContract):
+    def make_config(self):                               # iMF's network: h only, ω/t_min/t_max, v-head
+        return tiny_dit(depth=2, time_mode="h", gap_embedder=True, conditions=("omega", "t_min", "t_max"),
+                        aux_head=True)
+
+
+class TestDiTTwoAbsoluteTimes(BackboneContract):
+    def make_config(self):                               # α-Flow's network: t and s
+        return tiny_dit(time_mode="t+s")
+
+
+class TestDiTSplit(BackboneContract):
+    def make_config(self):                               # DMF's network: t for block 0, s for block 1
+        return tiny_dit(depth=2, time_mode="split", split_depth=1)
+
+
+class TestMLPFrontierModes(BackboneContract):
+    spec = POINTS
+
+    def make_config(self):
+        return MLPConfig(name="mlp", width=32, depth=2, time_mode="split", conditions=("omega",), aux_head=True)
 
 
 def test_every_in_tree_backbone_family_has_a_contract_class():

@@ -13,15 +13,14 @@ from fewstep.objectives.edm import (cm_preconditioning, sigma_from_t, t_from_sig
                                     x_t_from_x_sigma)
 from fewstep.sample import sample, seed_noise_and_labels
 
-from ect_oracle import EDMGaussianOracle, a_of, residual_variance
-from gaussian import class_means, gaussian_batch
+from oracle import EDMOracle, class_means, edm_residual_variance as residual_variance, edm_slope as a_of, gaussian_batch
 
 STD = 0.5   # data std s
 D = 16      # item dimension (1, 4, 4)
 
 
 def ect(offset: float = 0.0, **cfg) -> ECT:
-    return ECT(EDMGaussianOracle(class_means(3), STD, offset), ECTConfig(**cfg), num_classes=3).double()
+    return ECT(EDMOracle(class_means(3), STD, offset), ECTConfig(**cfg), num_classes=3).double()
 
 
 def pair(n: int, seed: int = 1):
@@ -31,7 +30,7 @@ def pair(n: int, seed: int = 1):
 
 
 def closed_residual(obj: ECT, x, y, eps, sigma_t, sigma_r):
-    """(B, C, H, W) f*(x + σ_t ε, σ_t) − f*(x + σ_r ε, σ_r), σ_r raised to σ_min (ect_oracle docstring)."""
+    """(B, C, H, W) f*(x + σ_t ε, σ_t) − f*(x + σ_r ε, σ_r), σ_r raised to σ_min (tests/oracle.py, edm_residual_variance)."""
     mu = obj.backbone.means[y]
     s_t, s_r = sigma_t.view(-1, 1, 1, 1), sigma_r.clamp(min=obj.config.sigma_min).view(-1, 1, 1, 1)
     a_t, a_r = a_of(s_t, STD), a_of(s_r, STD)
@@ -61,7 +60,7 @@ def test_boundary_condition_is_exact_and_backbone_sees_toolkit_time():
         seen.append((u, t, s))
         return 100 * torch.sin(37 * u) + t.view(-1, 1, 1, 1)
 
-    obj = ECT(EDMGaussianOracle(class_means(3), STD), ECTConfig(), num_classes=3)
+    obj = ECT(EDMOracle(class_means(3), STD), ECTConfig(), num_classes=3)
     x = torch.randn(8, 1, 4, 4)
     at_min = torch.full((8,), 0.002)
     assert torch.equal(obj.f(x, at_min, None, net), x)

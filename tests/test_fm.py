@@ -7,7 +7,7 @@ from fewstep.contracts import Condition
 from fewstep.objectives.fm import FlowMatching, FlowMatchingConfig
 from fewstep.sample import sample
 
-from gaussian import GaussianOracle, class_means, gaussian_batch
+from oracle import VelocityOracle, class_means, gaussian_batch
 
 SIGMA = 0.5
 
@@ -15,7 +15,7 @@ SIGMA = 0.5
 def fm(error: float = 0.0, **cfg) -> FlowMatching:
     means = class_means(3)
     config = FlowMatchingConfig(label_dropout=0.0, **cfg)
-    return FlowMatching(GaussianOracle(means, SIGMA, error), config, num_classes=3).double()
+    return FlowMatching(VelocityOracle(means, SIGMA, error), config, num_classes=3).double()
 
 
 def test_oracle_reaches_the_closed_form_minimum():
@@ -50,7 +50,7 @@ def test_times_are_logit_normal():
 def test_label_dropout_rate_and_null_label():
     seen = []
 
-    class Spy(GaussianOracle):
+    class Spy(VelocityOracle):
         def forward(self, x, t, s=None, y=None, **cond):
             seen.append(y)
             return super().forward(x, t, s, y, **cond)

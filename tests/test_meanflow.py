@@ -1,4 +1,4 @@
-"""MeanFlow against closed forms on Gaussian class data (flow maps in tests/meanflow_oracle.py).
+"""MeanFlow against closed forms on Gaussian class data (the shared oracle, tests/oracle.py).
 
 For an oracle u* that is the exact average velocity of an affine field V, the MeanFlow target built from a
 sample velocity ṽ satisfies, pointwise,  u* − u_tgt = −√(d(r)/d(t))·(ṽ − V(z_t, t)):  the identity
@@ -19,18 +19,15 @@ from fewstep.objectives.common import mean_flat, per_sample
 from fewstep.objectives.meanflow import MeanFlow, MeanFlowConfig
 from fewstep.sample import sample
 
-from gaussian import class_means, gaussian_batch
-from meanflow_oracle import (AverageVelocityOracle, average_velocity, d, flow_map, guided_means, rk4_flow_map,
-                             velocity)
+from oracle import (AverageVelocityOracle, average_velocity, d, flow_map, gaussian_batch, guided_means, rk4_flow_map,
+                    standard_problem, velocity)
 
 SIGMA, K, D = 0.5, 3, 16
 
 
 def means_table() -> torch.Tensor:
-    """(K + 1, 1, 4, 4) float64 means; the null label gets its own (non-zero) Gaussian mean."""
-    means = class_means(K)
-    means[K] = 0.3 * torch.randn(means.shape[1:], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    return means
+    """(K + 1, 1, 4, 4) float64 means of the shared oracle problem; the null label has its own Gaussian."""
+    return standard_problem(K, sigma=SIGMA).means.clone()
 
 
 def meanflow(table: torch.Tensor, error: float = 0.0, **cfg) -> MeanFlow:

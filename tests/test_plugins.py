@@ -1,5 +1,5 @@
 """Plugins: entry-point discovery, listing with the source package, clashes, broken plugins, the public
-API, and the example Shortcut-model plugin (tests/plugins/fewstep-shortcut) end to end."""
+API, and the example x-prediction plugin (tests/plugins/fewstep-xpred) end to end."""
 from __future__ import annotations
 
 import ast
@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from fewstep import api
 from fewstep import registry as reg_mod
 from fewstep.cli import app
 from fewstep.registry import REGISTRIES, RegistryError, objectives
+from fewstep.objectives.common import per_sample
 from fewstep.testing import ObjectiveContract, tiny_objective
 
-PLUGIN_DIR = Path(__file__).parent / "plugins" / "fewstep-shortcut"
+from oracle import VelocityOracle, fm_floor
+
+PLUGIN_DIR = Path(__file__).parent / "plugins" / "fewstep-xpred"
 runner = CliRunner()
 
 
@@ -56,11 +58,11 @@ def entry_points(monkeypatch):
 
 
 @pytest.fixture
-def shortcut_plugin(entry_points, monkeypatch):
-    """The example plugin on sys.path and declared under ``fewstep.objectives`` as ``shortcut``."""
+def xpred_plugin(entry_points, monkeypatch):
+    """The example plugin on sys.path and declared under ``fewstep.objectives`` as ``xpred``."""
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
-    monkeypatch.delitem(sys.modules, "fewstep_shortcut", raising=False)
-    entry_points("fewstep.objectives", "shortcut", "fewstep_shortcut:Shortcut", "fewstep-shortcut")
+    monkeypatch.delitem(sys.modules, "fewstep_xpred", raising=False)
+    entry_points("fewstep.objectives", "xpred", "fewstep_xpred:XPrediction", "fewstep-xpred")
 
 
 def write_module(directory: Path, name: str, source: str) -> None:
@@ -70,19 +72,19 @@ def write_module(directory: Path, name: str, source: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Discovery and listing
 # ---------------------------------------------------------------------------------------------------
-def test_plugin_is_discovered_lazily_listed_with_its_package_and_resolved(shortcut_plugin):
-    assert "fewstep_shortcut" not in sys.modules          # declared, not imported before first use
-    entry = objectives.entry("shortcut")
-    assert entry.source == "fewstep-shortcut" and entry.obj.__module__ == "fewstep_shortcut"
-    assert entry.summary.startswith("Shortcut model: flow matching at the finest step")
+def test_plugin_is_discovered_lazily_listed_with_its_package_and_resolved(xpred_plugin):
+    assert "fewstep_xpred" not in sys.modules             # declared, not imported before first use
+    entry = objectives.entry("xpred")
+    assert entry.source == "fewstep-xpred" and entry.obj.__module__ == "fewstep_xpred"
+    assert entry.summary.startswith("x-prediction flow matching: the network denoises")
     listing = " ".join(cli("list", "objectives").output.split())
-    assert "shortcut │ fewstep-shortcut │ Shortcut model" in listing and "fm │ fewstep │" in listing
-    res = cli("train", "--objective", "shortcut", "--dry-run")
+    assert "xpred │ fewstep-xpred │ x-prediction flow matching" in listing and "fm │ fewstep │" in listing
+    res = cli("train", "--objective", "xpred", "--dry-run")
     assert res.exit_code == 0, res.output
     cfg = json.loads(res.output)
-    assert cfg["objective"] == {"name": "shortcut", "levels": 7, "bootstrap_fraction": 0.25,
-                                "teacher_beta": 0.999, "label_dropout": 0.1}
-    assert cfg["backbone"]["gap_embedder"] is True and cfg["backbone"]["guidance_embedder"] is False
+    assert cfg["objective"] == {"name": "xpred", "t_mean": -0.4, "t_std": 1.0, "t_eps": 0.05,
+                                "label_dropout": 0.1, "guidance": 1.0}
+    assert cfg["backbone"]["gap_embedder"] is False and cfg["backbone"]["guidance_embedder"] is False
 
 
 def test_registries_load_entry_points_once_on_first_use(monkeypatch):
@@ -98,27 +100,27 @@ def test_registries_load_entry_points_once_on_first_use(monkeypatch):
     assert calls == ["fewstep.widgets"] * 2
 
 
-@pytest.mark.usefixtures("shortcut_plugin")
-class TestShortcutContract(ObjectiveContract):
+@pytest.mark.usefixtures("xpred_plugin")
+class TestXPredictionContract(ObjectiveContract):
     """The example plugin passes the contract suite, found through its entry point."""
 
     def make_objective(self):
-        return tiny_objective("shortcut")
+        return tiny_objective("xpred", guidance=1.5)   # CFG at sampling: 2 evaluations per step
 
 
 # ---------------------------------------------------------------------------------------------------
 # Clashes and broken plugins
 # ---------------------------------------------------------------------------------------------------
-def test_name_clash_between_two_plugins_names_both_packages(shortcut_plugin, entry_points):
-    entry_points("fewstep.objectives", "shortcut", "collections:OrderedDict", "other-shortcut")
-    pattern = r"objective name 'shortcut' is registered twice: by 'fewstep-shortcut' .* and by 'other-shortcut'"
+def test_name_clash_between_two_plugins_names_both_packages(xpred_plugin, entry_points):
+    entry_points("fewstep.objectives", "xpred", "collections:OrderedDict", "other-xpred")
+    pattern = r"objective name 'xpred' is registered twice: by 'fewstep-xpred' .* and by 'other-xpred'"
     for _ in range(2):                                     # every use fails until one is removed
         with pytest.raises(RegistryError, match=pattern):
             objectives.get("fm")
     res = cli("list")
     assert res.exit_code == 2
     text = " ".join(res.output.split())
-    assert "objectives: objective name 'shortcut' is registered twice: by 'fewstep-shortcut'" in text
+    assert "objectives: objective name 'xpred' is registered twice: by 'fewstep-xpred'" in text
     assert "dit-xl" in text and "smoke" in text            # the other kinds are still listed
     res = cli("train", "--objective", "fm", "--dry-run")
     assert res.exit_code == 2 and "registered twice" in res.output
@@ -181,64 +183,55 @@ def test_api_exports_and_time_convention():
 
 
 def test_example_plugin_imports_only_the_public_api():
-    tree = ast.parse((PLUGIN_DIR / "fewstep_shortcut.py").read_text())
+    tree = ast.parse((PLUGIN_DIR / "fewstep_xpred.py").read_text())
     imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
                 for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names}
     fewstep_imports = {m for m in imported if m and m.startswith("fewstep")}
     assert fewstep_imports == {"fewstep"}                  # `from fewstep import api`
-    assert 'shortcut = "fewstep_shortcut:Shortcut"' in (PLUGIN_DIR / "pyproject.toml").read_text()
+    assert 'xpred = "fewstep_xpred:XPrediction"' in (PLUGIN_DIR / "pyproject.toml").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------
-# The example objective's math: a point mass, where the exact average velocity is known
+# The example objective's math, on the shared Gaussian oracle (tests/oracle.py)
 # ---------------------------------------------------------------------------------------------------
-class PointMassVelocity(nn.Module):
-    """u(x_t, t, s) = c·(x_t − μ)/t: for c = 1 the exact average velocity over any jump t → s when all
-    data sit at μ (x_t moves on the straight line from ε to μ)."""
-
-    def __init__(self, mu: torch.Tensor, c: float = 1.0):
-        super().__init__()
-        self.mu, self.c = mu, c
-        self.in_channels, self.input_size, self.num_classes = mu.shape[0], mu.shape[1], 0
-        self.unused = nn.Parameter(torch.zeros(()))
+class DenoiserOracle(VelocityOracle):
+    """x̂*(x_t, t | y) = x_t − t·v*(x_t, t | y) = E[x | x_t, y] (+ error): the exact denoiser."""
 
     def forward(self, x, t, s=None, y=None, **cond):
-        assert s is not None and bool((s < t).all()) and bool((s >= 0).all())
-        return self.c * (x - self.mu) / t[:, None, None, None] + 0 * self.unused
+        return x - per_sample(t, x) * (super().forward(x, t, s, y, **cond) - self.bias) + self.bias
 
 
 @pytest.fixture
-def Shortcut(monkeypatch):
+def XPrediction(monkeypatch):
     monkeypatch.syspath_prepend(str(PLUGIN_DIR))
-    import fewstep_shortcut
+    import fewstep_xpred
 
-    return fewstep_shortcut.Shortcut
-
-
-def test_shortcut_loss_is_zero_for_the_exact_flow_and_scales_quadratically(Shortcut):
-    mu = torch.randn(2, 4, 4, dtype=torch.float64)
-    x = mu.expand(16, 2, 4, 4).clone()
-
-    def loss(c: float, fraction: float, teacher_c: float | None = None):
-        obj = Shortcut(PointMassVelocity(mu, c), Shortcut.Config(bootstrap_fraction=fraction), num_classes=0)
-        if teacher_c is not None:
-            obj.teacher.c = teacher_c
-        return obj(x, None, torch.Generator().manual_seed(0)).per_sample
-
-    assert loss(1.0, 0.5).abs().max() < 1e-12             # FM and self-consistency targets are both exact
-    ratio = loss(1.2, 0.0) / loss(1.1, 0.0)               # FM only: (c − 1)²·‖ε − μ‖²/D (float32 loss)
-    assert torch.allclose(ratio, torch.full_like(ratio, 4.0), rtol=1e-5)
-    boot = loss(1.0, 1.0, teacher_c=0.5)    # targets come from the teacher: (1/4)(1 + (t − d/4)/(t − d/2)) ≤ 5/8 of ε − μ
-    assert (boot > 1e-3).all() and loss(1.0, 0.0, teacher_c=0.5).abs().max() < 1e-12
+    return fewstep_xpred.XPrediction
 
 
-def test_shortcut_sampler_lands_on_the_point_mass(Shortcut):
-    mu = torch.randn(1, 2, 2)
-    obj = Shortcut(PointMassVelocity(mu), Shortcut.Config(), num_classes=0)
-    for nfe in (1, 2, 4):
-        images = api.sample(obj, list(range(5)), nfe).images
-        assert torch.allclose(images, mu.expand_as(images), atol=1e-5)
+def test_xpred_exact_denoiser_reaches_the_flow_matching_floor_and_a_perturbed_one_does_not(XPrediction, gaussian):
+    x, y = gaussian.batch(8192)
+    config = XPrediction.Config(label_dropout=0.0, t_eps=1e-9)
+    run = lambda error: XPrediction(DenoiserOracle(gaussian.means, gaussian.sigma, error), config,   # noqa: E731
+                                    num_classes=gaussian.num_classes).double()(x, y, torch.Generator().manual_seed(0))
+    exact, worse = run(0.0), run(0.01)
+    gen = torch.Generator().manual_seed(0)       # the same draws: the times come first
+    t = api.logit_normal(8192, -0.4, 1.0, gen, torch.device("cpu")).double()
+    floor = fm_floor(t, gaussian.sigma)          # the velocity residual is v* − (ε − x): Var = σ²/S_t²
+    assert abs(float(exact.per_sample.mean() - floor.mean())) < 6 * float(floor.mean()) * (2 / 16 / 8192) ** 0.5
+    assert float(worse.loss) > float(exact.loss)   # x̂ off by t·δ: a velocity error δ
+
+
+def test_xpred_sampler_jumps_to_the_class_mean_and_follows_the_exact_flow(XPrediction, gaussian):
+    obj = XPrediction(DenoiserOracle(gaussian.means, gaussian.sigma), XPrediction.Config(t_eps=1e-6),
+                      num_classes=gaussian.num_classes).double()
+    one = api.sample(obj, list(range(64)), 1)
+    assert torch.allclose(one.images.double(), gaussian.means[one.labels], atol=1e-5)   # x̂(ε, 1) = μ_y
+    many = api.sample(obj, list(range(2000)), 64)                    # Euler on the exact velocity
+    res = (many.images.double() - gaussian.means[many.labels]).flatten()
+    assert abs(float(res.std()) - gaussian.sigma) < 0.02 and abs(float(res.mean())) < 0.01
+    assert one.evaluations == 1 and api.sample(obj, [0], 2, guidance=2.0).evaluations == 4
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,7 +243,7 @@ def test_installed_plugin_trains_through_the_cli(tmp_path):
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
                           "--quiet", "--target", str(site), str(source)], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
-    assert (site / "fewstep_shortcut-0.1.0.dist-info" / "entry_points.txt").is_file()
+    assert (site / "fewstep_xpred-0.1.0.dist-info" / "entry_points.txt").is_file()
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
     def fewstep(*args: str) -> str:
@@ -259,8 +252,8 @@ def test_installed_plugin_trains_through_the_cli(tmp_path):
         assert res.returncode == 0, res.stdout + res.stderr
         return " ".join(res.stdout.split())
 
-    assert "shortcut │ fewstep-shortcut │ Shortcut model" in fewstep("list", "objectives")
-    out = fewstep("train", "--recipe", "toy2d", "--objective", "shortcut", "--kimg", "0.512", "--batch", "256",
+    assert "xpred │ fewstep-xpred │ x-prediction flow matching" in fewstep("list", "objectives")
+    out = fewstep("train", "--recipe", "toy2d", "--objective", "xpred", "--kimg", "0.512", "--batch", "256",
                   "--out", "run", "--no-progress", "--set", "sample.num_images=64", "--set", "train.status_kimg=0.256")
     assert "done: 0.5 kimg, 2 steps, loss" in out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

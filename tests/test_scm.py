@@ -14,8 +14,8 @@ from fewstep.objectives.trigflow import from_trigflow, t_from_tau, tau_from_t, t
 from fewstep.registry import objectives
 from fewstep.sample import sample, seed_noise_and_labels
 
-from gaussian import GaussianOracle, class_means, gaussian_batch
-from scm_oracle import S, SCMGaussianOracle, exact_consistency, pf_velocity
+from oracle import (TrigFlowOracle, VelocityOracle, class_means, exact_consistency, gaussian_batch, pf_velocity,
+                    trigflow_std as S)
 
 SD = 0.5          # σ_d
 DATA_STD = 0.7    # s ≠ σ_d where the closed forms allow it, so nothing cancels by accident
@@ -23,7 +23,7 @@ DATA_STD = 0.7    # s ≠ σ_d where the closed forms allow it, so nothing cance
 
 def scm(s: float = DATA_STD, error: float = 0.0, parameterization: str = "trigflow", **cfg) -> SCM:
     config = SCMConfig(sigma_data=SD, parameterization=parameterization, **cfg)
-    return SCM(SCMGaussianOracle(class_means(3), s, SD, parameterization, error), config, num_classes=3).double()
+    return SCM(TrigFlowOracle(class_means(3), s, SD, parameterization, error), config, num_classes=3).double()
 
 
 class ExactTeacherSCM(SCM):
@@ -63,7 +63,7 @@ def test_conversion_matches_direct_trigflow_construction_and_round_trips():
 def test_velocity_parameterization_is_the_flow_matching_jump():
     """With output = v, f_θ(x_τ, τ) = x_t − t·v(x_t, t) exactly (an FM model is a diffusion init)."""
     means = class_means(3)
-    obj = SCM(GaussianOracle(means, SD), SCMConfig(sigma_data=SD, parameterization="velocity"), 3).double()
+    obj = SCM(VelocityOracle(means, SD), SCMConfig(sigma_data=SD, parameterization="velocity"), 3).double()
     x0, y = gaussian_batch(means, SD, 6)
     t = torch.linspace(0.05, 1.0, 6, dtype=torch.float64)
     x_t = per_sample(1 - t, x0) * x0 + per_sample(t, x0) * torch.randn_like(x0)
@@ -101,7 +101,7 @@ def test_sct_tangent_is_zero_in_expectation_and_a_perturbation_shifts_it():
 
 def test_exact_teacher_loss_is_zero_and_a_perturbed_oracle_is_strictly_worse():
     def run(error):
-        obj = ExactTeacherSCM(SCMGaussianOracle(class_means(3), DATA_STD, SD, error=error),
+        obj = ExactTeacherSCM(TrigFlowOracle(class_means(3), DATA_STD, SD, error=error),
                               SCMConfig(sigma_data=SD), num_classes=3).double()
         x, y = gaussian_batch(obj.backbone.means, DATA_STD, 512)
         return obj(x, y, torch.Generator().manual_seed(0), nimg=10**12)
@@ -225,7 +225,7 @@ def test_adaptive_weight_gets_gradients_and_learns_minus_log_mean_square():
     assert float(grads["mlp.2.bias"].abs()) > 0
     assert not any("weight_net" in k for k in obj.ema.state_dict())
     # optimum of e^w·a − w is w = −ln a: fit w_φ to a(τ) = 4·mean-square of ĝ at each τ
-    net = SCM(SCMGaussianOracle(class_means(3), DATA_STD, SD), SCMConfig(sigma_data=SD), 3).weight_net
+    net = SCM(TrigFlowOracle(class_means(3), DATA_STD, SD), SCMConfig(sigma_data=SD), 3).weight_net
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     tau = torch.linspace(0.05, 1.5, 64)
     a = 0.02 + 0.1 * tau

@@ -16,7 +16,7 @@ from imagefiles import find_block, read_rgb
 from logcapture import captured
 
 import fewstep.train
-from fewstep.sweep import SweepError, SweepSpec, member_config, parse_objectives, run_sweep, spec_from_dict
+from fewstep.sweep import Member, SweepError, SweepSpec, member_config, parse_objectives, run_sweep, spec_from_dict
 from fewstep.sweep.report import collect, progress_key
 from fewstep.sweep.run import prepare
 from fewstep.sweep.spec import check_saved, load_sweep_file, spec_to_dict
@@ -203,3 +203,36 @@ def test_a_larger_budget_trains_finished_members_on_and_evaluates_them_again(tmp
     assert json.loads((out / "sweep.json").read_text())["kimg"] == 5.12
     with pytest.raises(SweepError, match=r"another spec \(num: 200 → 300\).*only kimg and minutes"):
         run_sweep(toy_spec("fm", kimg=7.68, num=300), out)
+
+
+def test_a_member_initialised_from_another_trains_after_it_and_from_its_weights(tmp_path):
+    spec = toy_spec("fm,dmf@fm", kimg=0.512)
+    assert spec.members[1] == Member(objective="dmf", name="dmf", init_from="fm")
+    assert member_config(spec, spec.members[1], tmp_path).train.init_from == str(tmp_path.resolve() / "fm")
+    result = run_sweep(spec, tmp_path)
+    assert result.ran == ["fm", "dmf"] and not result.failed
+    events = [r for r in map(json.loads, (tmp_path / "dmf" / "log.jsonl").read_text().splitlines())
+              if r.get("event") == "init_from"]
+    assert len(events) == 1 and str(tmp_path.resolve() / "fm" / "checkpoint-") in events[0]["source"]
+    assert "| dmf (from fm) |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SweepError, match="member 'dmf' initialises from 'fm', which must be an earlier member"):
+        toy_spec("dmf@fm,fm")
+    with pytest.raises(SweepError, match="initialises from 'tvm'"):
+        spec_from_dict({"recipe": "toy2d", "members": ["fm", {"objective": "dmf", "init_from": "tvm"}]})
+
+
+def test_a_member_whose_source_failed_is_not_started(tmp_path, monkeypatch):
+    import fewstep.sweep.run as run_mod
+
+    real = run_mod.run_member
+
+    def failing(sweep_dir, spec, name, **kw):
+        if name == "fm":
+            raise RuntimeError("diverged")
+        return real(sweep_dir, spec, name, **kw)
+
+    monkeypatch.setattr(run_mod, "run_member", failing)
+    result = run_sweep(toy_spec("fm,dmf@fm,meanflow", kimg=0.256), tmp_path)
+    assert result.failed["fm"] == "RuntimeError: diverged"
+    assert result.failed["dmf"] == "not started: the member it initialises from, 'fm', failed"
+    assert result.ran == ["meanflow"]

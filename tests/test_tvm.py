@@ -15,8 +15,8 @@ from fewstep.objectives.time_samplers import gap_star
 from fewstep.objectives.tvm import TVMConfig, TVMObjective
 from fewstep.sample import sample
 
-from gaussian import gaussian_batch
-from tvm_oracle import FlowMapOracle, d, gaussian_velocity, guided_velocity, oracle_means, rk4_flow_map
+from oracle import FlowMapOracle, d, gaussian_batch, guided_velocity, oracle_means, rk4_flow_map
+from oracle import velocity as gaussian_velocity
 
 SIGMA, K = 0.5, 3
 SPEC = DataSpec(name="x", channels=1, resolution=8, num_classes=K, num_items=1)

@@ -46,6 +46,7 @@ class Row:
     floor: float | None = None
     losses: list[tuple[float, float]] = field(default_factory=list)
     loss_key: str = "loss"
+    init_from: str = ""
 
 
 def metric_label(metric: str) -> str:
@@ -84,7 +85,7 @@ def collect(sweep_dir: Path, spec: SweepSpec, failed: dict[str, str] | None = No
                         minutes=seconds / 60 if seconds is not None else None,
                         peak_mem_gib=max(peaks) if peaks else None, device=(ev or {}).get("device"),
                         floor=(ev or {}).get("floor"),
-                        losses=sorted(losses.items()), loss_key=key))
+                        losses=sorted(losses.items()), loss_key=key, init_from=m.init_from))
     return rows
 
 
@@ -124,7 +125,7 @@ def markdown(spec: SweepSpec, rows: list[Row]) -> str:
     best = {str(n): min((r.scores[str(n)] for r in rows if math.isfinite(r.scores.get(str(n), math.nan))),
                         default=None) for n in spec.nfe}
     for r in rows:
-        name = f"{r.member}" + (f" (`{r.overrides}`)" if r.overrides else "")
+        name = f"{r.member}" + (f" (from {r.init_from})" if r.init_from else "") + (f" (`{r.overrides}`)" if r.overrides else "")
         cells = []
         for n in spec.nfe:
             v = r.scores.get(str(n))

@@ -62,7 +62,7 @@ def prepare(spec: SweepSpec, sweep_dir: Path) -> SweepSpec:
     (a changed budget is saved and logged: members then train on)."""
     from fewstep.data import load_dataset
 
-    configs = [member_config(spec, m) for m in spec.members]
+    configs = [member_config(spec, m, sweep_dir) for m in spec.members]
     data = {(c.data.name, c.data.root, c.data.resolution) for c in configs}
     if len(data) > 1:
         raise SweepError(f"members train on different data {sorted(map(str, data))}; a sweep compares on one dataset")
@@ -106,7 +106,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
     result = SweepResult(sweep_dir)
     todo = []
     for member in spec.members:
-        state = member_state(sweep_dir, spec, member, member_config(spec, member))
+        state = member_state(sweep_dir, spec, member, member_config(spec, member, sweep_dir))
         (result.skipped if state.finished else todo).append(member.name)
     if result.skipped:
         log.info(f"finished already, skipped: {', '.join(result.skipped)}")
@@ -164,6 +164,11 @@ def _run_here(spec: SweepSpec, sweep_dir: Path, todo: list[str], result: SweepRe
         for name in todo:
             if stop:
                 break
+            source = spec.member(name).init_from
+            if source in result.failed:
+                result.failed[name] = f"not started: the member it initialises from, {source!r}, failed"
+                log.info(f"{name}: {result.failed[name]}")
+                continue
             log.info(f"{name}: starting")
             t0 = time.time()
             try:
@@ -228,10 +233,17 @@ def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[str], slots: 
                     for _, proc, _ in running.values():
                         proc.send_signal(signal.SIGTERM if signalled == 0 else signal.SIGKILL)
                     signalled = len(stop)
+                for name in [n for n in queue if spec.member(n).init_from in result.failed]:
+                    queue.remove(name)
+                    result.failed[name] = f"not started: the member it initialises from, {spec.member(name).init_from!r}, failed"
+                    log.info(f"{name}: {result.failed[name]}")
+                busy = {n for n, _, _ in running.values()} | set(queue)
+                ready = [n for n in queue if spec.member(n).init_from not in busy]   # sources finished first
                 for slot in range(len(slots)):
-                    if slot in running or not queue or stop:
+                    if slot in running or not ready or stop:
                         continue
-                    name = queue.pop(0)
+                    name = ready.pop(0)
+                    queue.remove(name)
                     proc = _launch(sweep_dir, name, slots[slot], threads, eval_batch)
                     running[slot] = (name, proc, time.time())
                     where = f" on GPU {slots[slot]}" if slots[slot] is not None else ""

@@ -37,11 +37,14 @@ class Member:
         objective: registered objective name (``fm``, ``tvm`` …).
         name: directory and row name (letters, digits, ``.``, ``_``, ``-``); default: the objective.
         overrides: ``section.field=value`` overrides applied after the sweep's shared ones.
+        init_from: the name of an earlier member whose finished run initialises this one
+            (``train.init_from``; e.g. ``dmf`` from ``fm``); it trains only after that member finished.
     """
 
     objective: str
     name: str = ""
     overrides: tuple[str, ...] = ()
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         self.name = self.name or self.objective
@@ -93,6 +96,10 @@ class SweepSpec:
     def __post_init__(self) -> None:
         names = [m.name for m in self.members]
         dupes = sorted({n for n in names if names.count(n) > 1})
+        for i, m in enumerate(self.members):
+            if m.init_from and m.init_from not in names[:i]:
+                raise SweepError(f"member {m.name!r} initialises from {m.init_from!r}, which must be an earlier member "
+                                 f"of the sweep (members: {', '.join(names)})")
         checks = [(bool(self.members), "a sweep needs at least one member"),
                   (not dupes, f"member names must be unique; {', '.join(dupes)} appear twice (give them names)"),
                   (self.nfe and all(n >= 1 for n in self.nfe), f"nfe must be ≥ 1 each, got {self.nfe}"),
@@ -112,11 +119,16 @@ class SweepSpec:
 
 
 def parse_objectives(text: str) -> tuple[Member, ...]:
-    """``"fm,meanflow,tvm"`` → one member per objective, named after it."""
+    """``"fm,meanflow,tvm"`` → one member per objective, named after it; ``objective@member`` initialises
+    that member from an earlier one's finished run (``"fm,dmf@fm"``: DMF converts the fm member)."""
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
         raise SweepError(f"--objectives needs a comma list of objective names, got {text!r}")
-    return tuple(Member(objective=n) for n in names)
+    members = []
+    for item in names:
+        objective, _, source = item.partition("@")
+        members.append(Member(objective=objective.strip(), init_from=source.strip()))
+    return tuple(members)
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
@@ -143,10 +155,11 @@ def spec_from_dict(data: dict[str, Any], where: str = "sweep spec") -> SweepSpec
         if not isinstance(m, dict) or "objective" not in m:
             raise SweepError(f"{where}: member {i} must be an objective name or a table with 'objective'")
         for key in m:
-            if key not in ("objective", "name", "overrides"):
-                raise SweepError(_unknown(key, ["objective", "name", "overrides"], f"{where} member {i}"))
+            if key not in ("objective", "name", "overrides", "init_from"):
+                raise SweepError(_unknown(key, ["objective", "name", "overrides", "init_from"], f"{where} member {i}"))
         members.append(Member(objective=str(m["objective"]), name=str(m.get("name", "")),
-                              overrides=_strings(m.get("overrides", ()), f"{where} member {i} overrides")))
+                              overrides=_strings(m.get("overrides", ()), f"{where} member {i} overrides"),
+                              init_from=str(m.get("init_from", ""))))
     typed = {}
     annotations = typing.get_type_hints(SweepSpec)
     for key, value in data.items():
@@ -207,9 +220,11 @@ def spec_from_options(file: str | os.PathLike | None, objectives: str | None, se
     return spec_from_dict(data, str(file) if file is not None else "sweep options")
 
 
-def member_config(spec: SweepSpec, member: Member) -> RunConfig:
+def member_config(spec: SweepSpec, member: Member, sweep_dir: str | os.PathLike | None = None) -> RunConfig:
     """The resolved run config of one member: the recipe for its objective, the sweep's backbone, data,
-    batch, length, budget and seed, then the shared and the member's overrides (in that order)."""
+    batch, length, budget and seed, then the shared and the member's overrides (in that order).
+    A member with ``init_from`` gets ``train.init_from`` = that member's run directory in ``sweep_dir``
+    (its bare name when ``sweep_dir`` is not given: enough for checks, not for training)."""
     from fewstep.build import resolve
     from fewstep.cli import build_config
     from fewstep.train import check_config
@@ -218,6 +233,9 @@ def member_config(spec: SweepSpec, member: Member) -> RunConfig:
     try:
         cfg = build_config(spec.recipe, member.objective, spec.backbone, spec.data, spec.kimg, spec.batch,
                            base + list(spec.overrides) + list(member.overrides))
+        if member.init_from:
+            source = Path(sweep_dir).resolve() / member.init_from if sweep_dir is not None else Path(member.init_from)
+            cfg.train.init_from = str(source)
         cfg = resolve(cfg)
         check_config(cfg)
     except (ConfigError, ValueError) as exc:

@@ -104,7 +104,7 @@ def run_member(sweep_dir: str | os.PathLike, spec: SweepSpec, name: str, *, eval
 
     sweep_dir = Path(sweep_dir)
     member = spec.member(name)
-    cfg = member_config(spec, member)
+    cfg = member_config(spec, member, sweep_dir)
     state = member_state(sweep_dir, spec, member, cfg)
     if not state.trained:
         if state.step:

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from fewstep.backbones.inputs import trusted_labels
-from fewstep.build import build_objective, build_optimizer, resolve, write_run_config
+from fewstep.build import build_objective, build_optimizer, init_from_run, resolve, write_run_config
 from fewstep.compiling import compile_objective, set_activation_checkpointing
 from fewstep.config import RunConfig, to_dict
 from fewstep.contracts import DataSpec
@@ -130,6 +130,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
     guard = BadSteps(limit=t.max_bad_steps)
     state, opt_state = TrainState(), None
+    initialised = init_from_run(objective, t.init_from) if ckpt is None and t.init_from else None   # step 0 only
     if ckpt is not None:
         state, opt_state = Checkpointer.restore(ckpt, objective, generator, rank, device)
 
@@ -159,6 +160,9 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         status.event({"event": event, "message": note}, note)
     if ckpt is not None:
         status.print(f"resumed from {ckpt.path.name} at {state.kimg:.3f} kimg (step {state.step})")
+    if initialised:
+        status.event({"event": "init_from", "source": initialised}, f"initialised from the {initialised}",
+                     logging.INFO)
     fwd_flops = getattr(objective.backbone, "forward_flops", None)
     flops_per_img = objective.flops_per_sample(fwd_flops(1)) if fwd_flops else None
     peak = peak_flops(device)
