@@ -136,6 +136,7 @@ class FastClock:
 
 
 def main(out: str, data: str, jobs: list[dict]) -> None:
+    import fewstep.train.clock as clock
     import fewstep.train.loop as loop
     from fewstep.train import train
     from fewstep.train.distributed import full
@@ -146,16 +147,16 @@ def main(out: str, data: str, jobs: list[dict]) -> None:
     real_build = loop.build_objective
     loop.build_objective = lambda *a, **k: built.append(real_build(*a, **k)) or built[-1]
     audit = WriteAudit()
-    real_time = loop.time
+    real_time = clock.time
     for job in jobs:
         built.clear()
         run = Path(out) / job.get("run", job["name"]) / "run"
         cfg = tiny_config(data, job["objective"], job["steps"], job["mode"], job.get("sets"))
         audit.root, audit.writes = str(run.resolve()), []
         # ``fast_clock_rank``: that rank's trainer clock runs 10 000× fast (its time budget runs out first)
-        loop.time = FastClock() if job.get("fast_clock_rank") == rank else real_time
+        clock.time = FastClock() if job.get("fast_clock_rank") == rank else real_time
         result = train(cfg, run, show_progress=False)
-        loop.time = real_time
+        clock.time = real_time
         audit.root = None
         objective = built[0]   # the trained one; later builds are rank 0's plain copies for sampling (FSDP2)
         state = {k: full(v).detach().contiguous().clone() for k, v in objective.state_dict().items()}

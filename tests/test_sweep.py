@@ -114,7 +114,7 @@ def test_a_member_killed_by_sigterm_resumes_in_a_parallel_sweep(tmp_path):
 def test_the_budget_stops_training_and_is_summed_over_resumes(tmp_path, monkeypatch):
     # A fake clock that advances 1 s per reading makes the budget count readings, deterministically.
     clock = iter(range(10**6))
-    monkeypatch.setattr("fewstep.train.loop.time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    monkeypatch.setattr("fewstep.train.clock.time", types.SimpleNamespace(time=lambda: float(next(clock))))
     spec = toy_spec("fm", kimg=None, minutes=1.0)        # 60 fake seconds
     cfg = member_config(spec, spec.members[0])
     whole = train(cfg, tmp_path / "whole", show_progress=False)

@@ -69,6 +69,16 @@ class Preemption:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
+    def agreed(self, accelerator: Any) -> str | None:
+        """The signal that stops the run, the same on every rank: one that any rank received (collective:
+        call on every rank after every step; a flag summed over ranks)."""
+        if accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        if not accelerator.reduce(flag, "sum") > 0:
+            return None
+        return next(name for name in accelerator.gather_for_metrics([self.received], use_gather_object=True) if name)
+
 
 @dataclass
 class BadStep:
@@ -85,6 +95,13 @@ class BadStep:
     bad_samples: int
     t_range: tuple[float, float] | None
     grad_norm: float | None
+
+    @classmethod
+    def merged(cls, infos: list[BadStep]) -> BadStep:
+        """One description of a step from every rank's: all terms, all bad samples, the widest t range."""
+        ranges = [i.t_range for i in infos if i.t_range]
+        return cls(list(dict.fromkeys(k for i in infos for k in i.terms)), sum(i.bad_samples for i in infos),
+                   (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None, infos[0].grad_norm)
 
     def describe(self) -> str:
         where = f"{self.bad_samples} sample(s) with a non-finite loss" if self.bad_samples else "no sample's loss"

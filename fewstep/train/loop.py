@@ -13,10 +13,8 @@ permissions) is reported and retried at the next interval while the state stays 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,22 +24,19 @@ from accelerate import Accelerator
 from fewstep.backbones.inputs import trusted_labels
 from fewstep.build import build_objective, build_optimizer, init_from_run, resolve, write_run_config
 from fewstep.compiling import compile_objective, set_activation_checkpointing
-from fewstep.config import RunConfig, to_dict
-from fewstep.contracts import DataSpec
+from fewstep.config import RunConfig, TrainConfig, to_dict
 from fewstep.data import load_dataset
 from fewstep.data.loader import BatchStream
-from fewstep.files import describe_os_error
-from fewstep.images import make_grid
-from fewstep.plots import step_label, write_grid
-from fewstep.sample import output_decoder, sample
 from fewstep.schedules import TrainingSchedule
 from fewstep.train.checkpointer import Checkpointer
 from fewstep.train.checks import RESUMABLE_CHANGES, Layout, check_config, find_resume, plan_batches
+from fewstep.train.clock import Every, TrainClock
 from fewstep.train.distributed import Parallel
 from fewstep.train.guards import BadStep, BadSteps, NonFiniteLossError, Preemption, RunLock
+from fewstep.train.reports import ReportContext, run_report
 from fewstep.train.resources import check_memory_on_all_ranks, cpu_threads, local_processes
 from fewstep.train.state import TrainState
-from fewstep.train.status import StatusLog, describe, peak_flops, where_it_runs
+from fewstep.train.status import StatusLog, StatusMeter, describe, where_it_runs
 from fewstep.train.trackers import Trackers, check_trackers
 
 __all__ = ["NonFiniteLossError", "RESUMABLE_CHANGES", "TrainResult", "check_config", "plan_batches", "train"]
@@ -67,21 +62,16 @@ class TrainResult:
     budget_reached: bool = False
 
 
-def _next(nimg: int, interval: float) -> float:
-    """The first multiple of ``interval`` images after ``nimg`` (∞ when the interval is 0)."""
-    return (math.floor(nimg / interval) + 1) * interval if interval > 0 else math.inf
-
-
 def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True, restart: bool = False,
           resume_command: str | None = None) -> TrainResult:
     """Train ``cfg`` in ``run_dir``, resuming from its newest valid checkpoint if there is one.
 
     Args:
         show_progress: a progress bar on a terminal (plain status lines otherwise, and always in a file).
-        restart: the run directory's checkpoints are all broken: move them (and the log and samples)
-            aside into ``restarted-<time>/`` and train from step 0, instead of refusing.
+        restart: start the run directory over: its checkpoints (say, all broken), log and samples move aside
+            into ``restarted-<time>/`` and training starts from step 0, instead of refusing.
         resume_command: the command that resumes this run, quoted in messages (the CLI passes its own
-            command line with ``--out``); default: "train() with the same run directory".
+            command line with ``--out``); default: "train() with run directory DIR".
     """
     run_dir = Path(run_dir)
     check_config(cfg)
@@ -95,50 +85,47 @@ def train(cfg: RunConfig, run_dir: str | Path, *, show_progress: bool = True, re
         if accelerator.is_main_process:
             stack.enter_context(RunLock(run_dir))
         preempt = stack.enter_context(Preemption())
-        return _train(cfg, run_dir, accelerator, layout, preempt, show_progress, parallel, restart,
-                      resume_command or f"train() with run directory {run_dir}", stack)
+        return _train(cfg, run_dir, accelerator, layout, parallel, preempt, stack, show_progress, restart,
+                      resume_command or f"train() with run directory {run_dir}")
 
 
-def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layout, preempt: Preemption,
-           show_progress: bool, parallel: Parallel, restart: bool, resume: str,
-           stack: contextlib.ExitStack) -> TrainResult:
+def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layout, parallel: Parallel,
+           preempt: Preemption, stack: contextlib.ExitStack, show_progress: bool, restart: bool,
+           resume: str) -> TrainResult:
     t = cfg.train
     device, rank, main = accelerator.device, accelerator.process_index, accelerator.is_main_process
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
         torch.backends.cudnn.allow_tf32 = t.allow_tf32
 
+    # Data, and the run directory: resume or start (everything about the input checked before compute).
     check_trackers(t.trackers)         # unknown or uninstalled trackers fail before any compute
     dataset = load_dataset(cfg.data)   # checked: not empty, labels in range, items shaped as the spec
-    spec: DataSpec = dataset.spec
     check_memory_on_all_ranks(cfg, dataset, layout.batch_per_gpu, accelerator)   # a GPU recipe on a CPU: refused
-    to_pixels = output_decoder(cfg.data, spec, device=device)   # to_uint8 for pixels; VAE decode (lazy) for latents
     notes: list[tuple[str, str]] = []   # (event, message) to log once the status log exists
-    ckpt = find_resume(run_dir, cfg, spec, accelerator, notes, restart=restart)
+    ckpt = find_resume(run_dir, cfg, dataset.spec, accelerator, notes, restart=restart)
     if main:
-        write_run_config(run_dir, cfg, spec)
+        write_run_config(run_dir, cfg, dataset.spec)
     accelerator.wait_for_everyone()
-    # CPU threads: train.cpu_threads, else the count this run started with (a resume stays bit-exact), else auto
-    threads = cfg.train.cpu_threads or (ckpt.manifest.get("cpu_threads") if ckpt is not None else None)
+    # CPU threads: train.cpu_threads, else the count this run started with (a resume stays bit-exact), else auto.
+    threads = t.cpu_threads or (ckpt.manifest.get("cpu_threads") if ckpt is not None else None)
     stack.enter_context(cpu_threads(threads, device, local_processes()))
 
+    # The objective (backbone, EMA tracks, teacher), its optimizer and the batch stream.
     torch.manual_seed(t.seed * 1000 + rank)
-    objective = build_objective(cfg, spec).to(device)
+    objective = build_objective(cfg, dataset.spec).to(device)
     if t.activation_checkpointing:
         set_activation_checkpointing(objective, blocks=t.checkpoint_blocks)
     generator = torch.Generator(device).manual_seed(t.seed * 1000 + rank)
-    guard = BadSteps(limit=t.max_bad_steps)
     state, opt_state = TrainState(), None
     initialised = init_from_run(objective, t.init_from) if ckpt is None and t.init_from else None   # step 0 only
     if ckpt is not None:
         state, opt_state = Checkpointer.restore(ckpt, objective, generator, rank, device)
-
     if t.compile:
         compile_objective(objective, tuning=t.compile_tuning)
     objective = parallel.shard(objective)   # FSDP2: fully_shard in place, before the optimizer sees the parameters
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg, cuda)
+    optimizer = build_optimizer(params, cfg, device.type == "cuda")
     if opt_state is not None:
         parallel.load_optimizer_state(optimizer, opt_state, params)
     model, optimizer = parallel.prepare(objective, optimizer)
@@ -146,13 +133,16 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     stream = BatchStream(dataset, layout.batch_per_gpu, seed=t.seed, rank=rank, world_size=layout.world,
                          num_workers=cfg.data.num_workers, device=device, start_position=state.data_position)
     batches = iter(stream)
-    total_nimg = int(round(t.total_kimg * 1000))
+
+    # What the run shows and writes: status, trackers, checkpoints, sample grids (or the dataset's report).
     trackers = Trackers(t.trackers, run_dir, to_dict(cfg), t.tracker_project, enabled=main)
     status = StatusLog(run_dir, t.total_kimg, state.kimg, enabled=main, show_progress=show_progress)
-    preempt.notify = lambda name: status.warn(
-        f"received {name}: stopping after this step with a checkpoint (press Ctrl-C again to abort at once; "
-        f"the last checkpoint stays intact)")
-    checkpointer = Checkpointer(run_dir, cfg, spec, accelerator, parallel, status, resume, ckpt)
+    preempt.notify = lambda name: status.warn(f"received {name}: stopping after this step with a checkpoint "
+                                              f"(press Ctrl-C again to abort at once; the last checkpoint stays intact)")
+    checkpointer = Checkpointer(run_dir, cfg, dataset.spec, accelerator, parallel, status, resume, ckpt)
+    report = run_report(ReportContext(cfg, dataset, run_dir, device, status=status, trackers=trackers, resume=resume,
+                                      sampling_objective=lambda: parallel.sampling_objective(
+                                          model, lambda: build_objective(cfg, dataset.spec))))
     start = where_it_runs(accelerator, cfg)
     status.event({"event": "start", "step": state.step, "kimg": state.kimg, **start}, f"running on {describe(start)}",
                  logging.INFO)
@@ -163,182 +153,115 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     if initialised:
         status.event({"event": "init_from", "source": initialised}, f"initialised from the {initialised}",
                      logging.INFO)
-    fwd_flops = getattr(objective.backbone, "forward_flops", None)
-    flops_per_img = objective.flops_per_sample(fwd_flops(1)) if fwd_flops else None
-    peak = peak_flops(device)
+    forward_flops = getattr(objective.backbone, "forward_flops", None)
+    meter = StatusMeter(accelerator, state.nimg, objective.flops_per_sample(forward_flops(1)) if forward_flops else None)
+    status_at, grids_at, save_at = (Every(k, state.nimg) for k in (t.status_kimg, t.sample_kimg, t.checkpoint_kimg))
+    clock = TrainClock(state.train_seconds, t.max_minutes)
+    guard = BadSteps(limit=t.max_bad_steps)
     reduce_sum = (lambda v: accelerator.reduce(v, "sum")) if layout.world > 1 else None
+    total_nimg = int(round(t.total_kimg * 1000))
+    last_loss, stopped, over = None, None, clock.spent_before   # `over`: the same on every rank
 
     def save(final: bool) -> Path | None:
-        state.data_position = stream.position
-        state.train_seconds = train_seconds()
+        state.data_position, state.train_seconds = stream.position, clock.seconds()
         return checkpointer.save(state, model, optimizer, generator, final=final)
-
-    def plain() -> torch.nn.Module | None:
-        """The objective to sample with on rank 0 (``None`` elsewhere); collective under FSDP2."""
-        return parallel.sampling_objective(model, lambda: build_objective(cfg, spec))
-
-    def grid(tag: str) -> None:
-        obj = plain()
-        if not main:
-            return
-        seeds = list(range(cfg.sample.num_images))
-        blocks = [to_pixels(sample(obj, seeds, nfe, weights=cfg.sample.weights, guidance=cfg.sample.guidance,
-                                  autocast=cuda and t.precision == "bf16").images) for nfe in cfg.sample.nfe]
-        try:
-            write_grid(run_dir / "samples" / f"{tag}.png", blocks, [step_label(n) for n in cfg.sample.nfe],
-                       title=f"{tag}: seeds 0–{len(seeds) - 1}, {cfg.sample.weights} weights")
-            trackers.log_image(f"samples/{tag}", make_grid(blocks), state.step)
-        except OSError as exc:
-            status.event({"event": "grid_failed", "error": str(exc)},
-                         f"sample grid {tag} not written: {describe_os_error(exc)}")
-
-    def skip(info: BadStep) -> None:
-        """Log a skipped step (``info`` merged over ranks; ``state`` already counts it) and stop after too
-        many in a row."""
-        if layout.world > 1:
-            infos = accelerator.gather_for_metrics([info], use_gather_object=True)
-            ranges = [i.t_range for i in infos if i.t_range]
-            info = BadStep(list(dict.fromkeys(k for i in infos for k in i.terms)), sum(i.bad_samples for i in infos),
-                           (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else None, info.grad_norm)
-        span = f"step {state.step} (kimg {(state.nimg - t.batch) / 1000:.3f}–{state.kimg:.3f})"
-        norm = info.grad_norm
-        status.event({"event": "nonfinite", "step": state.step, "kimg": (state.nimg - t.batch) / 1000,
-                      "terms": info.terms, "bad_samples": info.bad_samples, "t_range": info.t_range,
-                      "grad_norm": norm if norm is None or math.isfinite(norm) else str(norm),
-                      "consecutive": state.bad_streak, "skipped_steps": state.skipped_steps},
-                     f"skipped {span}: {info.describe()} ({state.bad_streak} in a row, "
-                     f"{state.skipped_steps} in all)")
-        if state.bad_streak >= guard.limit:
-            newest = checkpointer.newest.name if checkpointer.newest else "none written yet"
-            raise NonFiniteLossError(
-                f"{state.bad_streak} consecutive steps had a non-finite loss or gradient, the last at {span}: "
-                f"{info.describe()}. No bad update was applied and the newest checkpoint in {run_dir} "
-                f"({newest}) is intact. Lower train.lr, set train.grad_clip or check the data; "
-                f"train.max_bad_steps={t.max_bad_steps} sets how many bad steps in a row are tolerated.")
-
-    interval = {"status": t.status_kimg * 1000, "checkpoint": t.checkpoint_kimg * 1000, "sample": t.sample_kimg * 1000}
-    next_at = {k: _next(state.nimg, v) for k, v in interval.items()}
-    sums: dict[str, torch.Tensor] = {}
-    ticks, tick_start, tick_nimg = 0, time.time(), state.nimg
-    last_loss, stopped = None, None
-    budget = t.max_minutes * 60 if t.max_minutes is not None else math.inf   # seconds, over all resumes
-    prior_seconds = state.train_seconds
-    over = prior_seconds >= budget                                          # the same on every rank
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    loop_start = None   # the budget clock starts after this invocation's first step (compiles, warm-up)
-
-    def train_seconds() -> float:
-        return prior_seconds + (time.time() - loop_start if loop_start is not None else 0.0)
 
     try:
         while state.nimg < total_nimg and not over:
+            # Forward and backward over the micro-batches of one global batch; every JVP runs inside the
+            # wrapped forward (DDP/FSDP2), gradients are synchronised on the last micro-batch.
             model.train()
             step_logs: dict[str, torch.Tensor] = {}
             for micro in range(layout.accumulation):
                 x, y = next(batches)
-                y = y if spec.num_classes else None
-                sync = micro == layout.accumulation - 1
-                with parallel.no_sync(model, sync):
+                with parallel.no_sync(model, sync=micro == layout.accumulation - 1):
                     with trusted_labels():   # checked when the dataset was loaded: no host sync per call
-                        out = model(x, y, generator, state.nimg)
+                        out = model(x, y if dataset.spec.num_classes else None, generator, state.nimg)
                     accelerator.backward(out.loss / layout.accumulation)
                 guard.observe(out)
                 for k, v in {"loss": out.loss, **out.logs}.items():
-                    v = torch.as_tensor(v, device=device).detach().float()
-                    step_logs[k] = step_logs.get(k, 0) + v / layout.accumulation
+                    step_logs[k] = step_logs.get(k, 0) + torch.as_tensor(v, device=device).detach().float() / layout.accumulation
             # Global gradient norm (after unscaling, over all ranks); with no clipping, max_norm=∞ scales by 1.
             grad_norm = parallel.grad_norm(
                 accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip is not None else math.inf))
-            # The one host sync of a step: bad step? past the time budget (any rank's clock, read before
+
+            # The one host sync of a step: a bad step? past the time budget (any rank's clock, read before
             # the update)? Every rank gets the same answers, so all skip or stop together.
-            past_budget = loop_start is not None and train_seconds() >= budget
-            bad, over = guard.verdict(grad_norm, reduce_sum, stop=past_budget)
+            bad, over = guard.verdict(grad_norm, reduce_sum, stop=clock.past_budget())
             info = guard.describe(grad_norm) if bad else None
             guard.clear()
-            if bad:
-                optimizer.zero_grad(set_to_none=True)
-            else:
+            if not bad:   # the update: optimizer, then the EMA tracks and teacher
                 lr = schedule.apply(optimizer, accelerator.unwrap_model(model), state.nimg + t.batch)
-                if schedule.varies:
-                    step_logs["lr"] = torch.tensor(lr, device=device)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
                 accelerator.unwrap_model(model).after_step()
-                if grad_norm is not None:
-                    step_logs["grad_norm"] = torch.as_tensor(grad_norm, device=device).detach().float()
-                for k, v in step_logs.items():
-                    sums[k] = sums.get(k, 0) + v
-                ticks += 1
+                meter.add({**step_logs, **({"lr": torch.tensor(lr, device=device)} if schedule.varies else {}),
+                           **({"grad_norm": torch.as_tensor(grad_norm, device=device).detach().float()}
+                              if grad_norm is not None else {})})
+            optimizer.zero_grad(set_to_none=True)
             state.advance(t.batch, applied=not bad)
             if bad:
-                skip(info)
+                _bad_step(info, state, guard, t, accelerator, status, checkpointer, run_dir)
             status.advance(state.kimg)
-            loop_start = loop_start or time.time()
+            clock.step_done()
+
+            # Status line, sample grids and checkpoints at their intervals; a signal stops after this step.
             done = state.nimg >= total_nimg or over
-            if state.nimg >= next_at["status"] or done:
-                elapsed = time.time() - tick_start
-                record = {"step": state.step, "kimg": state.kimg,
-                          **{k: float(accelerator.reduce(v, "mean")) / ticks for k, v in sums.items()},
-                          "img_per_s": (state.nimg - tick_nimg) / max(elapsed, 1e-9),
-                          "sec_per_kimg": elapsed / max((state.nimg - tick_nimg) / 1000, 1e-9), "time": time.time()}
-                if state.skipped_steps:
-                    record["skipped_steps"] = state.skipped_steps
-                if flops_per_img:
-                    record["tflops"] = flops_per_img * record["img_per_s"] / layout.world / 1e12
-                    if peak:
-                        record["mfu"] = record["tflops"] * 1e12 / peak
-                if cuda:
-                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if status_at.due(state.nimg) or done:
+                record = meter.record(state.step, state.nimg, state.skipped_steps)
                 last_loss = record.get("loss", last_loss)
                 status.report(record)
                 trackers.log(record, state.step)
-                sums, ticks, tick_start, tick_nimg = {}, 0, time.time(), state.nimg
-                next_at["status"] = _next(state.nimg, interval["status"])
-            if state.nimg >= next_at["sample"] and not done and spec.kind != "points":
-                grid(f"kimg{state.kimg:08.1f}")
-                next_at["sample"] = _next(state.nimg, interval["sample"])
-            if state.nimg >= next_at["checkpoint"] and not done and not state.bad_streak:   # in a bad streak: after it
+                status_at.passed(state.nimg)
+            if grids_at.due(state.nimg) and not done:
+                report.interval(f"kimg{state.kimg:08.1f}", state.step)
+                grids_at.passed(state.nimg)
+            if save_at.due(state.nimg) and not done and not state.bad_streak:   # in a bad streak: after it
                 save(final=False)
-                next_at["checkpoint"] = _next(state.nimg, interval["checkpoint"])
-            stop = preempt.received is not None
-            if reduce_sum is not None:
-                stop = bool(reduce_sum(torch.tensor(float(stop), device=device)) > 0)
-            if stop and not done:
-                names = ([preempt.received] if reduce_sum is None else
-                         accelerator.gather_for_metrics([preempt.received], use_gather_object=True))
-                stopped = next(name for name in names if name)
+                save_at.passed(state.nimg)
+            stopped = preempt.agreed(accelerator)
+            if stopped and not done:
                 break
+            stopped = None
+
+        # The end: a final checkpoint, then the final report (unless a signal cut the run short).
         over = over and state.nimg < total_nimg   # the budget, not the length, ended the run
         last_ckpt = save(final=True)
         if over:
             status.event({"event": "budget_reached", "max_minutes": t.max_minutes, "step": state.step,
-                          "kimg": state.kimg},
-                         f"time budget of {t.max_minutes:g} min reached after step {state.step} ({state.kimg:.3f} kimg)",
-                         logging.INFO)
+                          "kimg": state.kimg}, f"time budget of {t.max_minutes:g} min reached after step "
+                                               f"{state.step} ({state.kimg:.3f} kimg)", logging.INFO)
         if stopped:
             status.event({"event": "stopped", "signal": stopped, "step": state.step, "kimg": state.kimg,
-                          "resume": resume},
-                         f"received {stopped}: stopped after step {state.step} ({state.kimg:.3f} kimg) with "
-                         f"checkpoint {last_ckpt}; to resume, run: {resume}")
-        elif spec.kind == "points":   # toy data: metrics.json (sliced Wasserstein per NFE) and a scatter plot
-            obj = plain()
-            if main:
-                from fewstep.evaluate import evaluate_points
-
-                held_out = load_dataset(dataclasses.replace(cfg.data, split="test"))
-                try:
-                    evaluate_points(obj, held_out, run_dir, nfes=cfg.sample.nfe, num=cfg.sample.num_images,
-                                    weights=cfg.sample.weights, guidance=cfg.sample.guidance)
-                except OSError as exc:
-                    status.event({"event": "metrics_failed", "error": str(exc)},
-                                 f"metrics.json and the scatter plot not written: {describe_os_error(exc)}; "
-                                 f"free space and run `{resume}` again to write them")
+                          "resume": resume}, f"received {stopped}: stopped after step {state.step} "
+                                             f"({state.kimg:.3f} kimg) with checkpoint {last_ckpt}; to resume, run: {resume}")
         else:
-            grid("final")
+            report.final(state.step)
     finally:
         status.close()
         trackers.finish()
     parallel.finish()   # keeps the process group for another train() in this process; destroyed at exit
     return TrainResult(run_dir=run_dir, step=state.step, kimg=state.kimg, loss=last_loss, checkpoint=last_ckpt,
                        stopped=stopped, skipped_steps=state.skipped_steps, budget_reached=over)
+
+
+def _bad_step(info: BadStep, state: TrainState, guard: BadSteps, t: TrainConfig, accelerator: Accelerator,
+              status: StatusLog, checkpointer: Checkpointer, run_dir: Path) -> None:
+    """Log a skipped step (``info`` merged over ranks; ``state`` already counts it) and stop the run with
+    :class:`NonFiniteLossError` after ``train.max_bad_steps`` of them in a row (collective)."""
+    if accelerator.num_processes > 1:
+        info = BadStep.merged(accelerator.gather_for_metrics([info], use_gather_object=True))
+    start_kimg = (state.nimg - t.batch) / 1000
+    span = f"step {state.step} (kimg {start_kimg:.3f}–{state.kimg:.3f})"
+    norm = info.grad_norm
+    status.event({"event": "nonfinite", "step": state.step, "kimg": start_kimg, "terms": info.terms,
+                  "bad_samples": info.bad_samples, "t_range": info.t_range,
+                  "grad_norm": norm if norm is None or math.isfinite(norm) else str(norm),
+                  "consecutive": state.bad_streak, "skipped_steps": state.skipped_steps},
+                 f"skipped {span}: {info.describe()} ({state.bad_streak} in a row, {state.skipped_steps} in all)")
+    if state.bad_streak >= guard.limit:
+        newest = checkpointer.newest.name if checkpointer.newest else "none written yet"
+        raise NonFiniteLossError(
+            f"{state.bad_streak} consecutive steps had a non-finite loss or gradient, the last at {span}: "
+            f"{info.describe()}. No bad update was applied and the newest checkpoint in {run_dir} ({newest}) is "
+            f"intact. Lower train.lr, set train.grad_clip or check the data; train.max_bad_steps={t.max_bad_steps} "
+            f"sets how many bad steps in a row are tolerated.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,54 @@ def describe(start: dict[str, Any]) -> str:
 def start_records(run_dir: str | Path) -> list[dict]:
     """The ``start`` event records of a run (one per launch: the first run and every resume)."""
     return [r for r in read_log(Path(run_dir) / "log.jsonl") if r.get("event") == "start"]
+
+
+class StatusMeter:
+    """What one status record says about the steps since the previous one: the mean of every logged value
+    over the applied steps (all ranks), images/s, s/kimg, and where known TFLOP/s per GPU, MFU and peak
+    memory.
+
+    Args:
+        accelerator: for the mean over ranks and the device.
+        nimg: images seen when metering starts.
+        flops_per_image: FLOPs of one training image (``Objective.flops_per_sample``), or ``None``.
+    """
+
+    def __init__(self, accelerator: Accelerator, nimg: int, flops_per_image: float | None):
+        self.accelerator, self.flops_per_image = accelerator, flops_per_image
+        self.device = accelerator.device
+        self.peak = peak_flops(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._reset(nimg)
+
+    def _reset(self, nimg: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.ticks, self.start, self.start_nimg = 0, time.time(), nimg
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        """One applied step's logged values (skipped steps are not averaged)."""
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.ticks += 1
+
+    def record(self, step: int, nimg: int, skipped_steps: int) -> dict[str, Any]:
+        """The status record at ``step`` (one host sync), and a fresh start for the next one."""
+        elapsed, images = time.time() - self.start, nimg - self.start_nimg
+        record = {"step": step, "kimg": nimg / 1000,
+                  **{k: float(self.accelerator.reduce(v, "mean")) / self.ticks for k, v in self.sums.items()},
+                  "img_per_s": images / max(elapsed, 1e-9), "sec_per_kimg": elapsed / max(images / 1000, 1e-9),
+                  "time": time.time()}
+        if skipped_steps:
+            record["skipped_steps"] = skipped_steps
+        if self.flops_per_image:
+            record["tflops"] = self.flops_per_image * record["img_per_s"] / self.accelerator.num_processes / 1e12
+            if self.peak:
+                record["mfu"] = record["tflops"] * 1e12 / self.peak
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._reset(nimg)
+        return record
 
 
 def _bar_console() -> Console | None:
