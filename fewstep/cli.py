@@ -483,7 +483,7 @@ def compare(
 
 @app.command("list")
 def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones, datasets, recipes, metrics or extractors (default: all).")) -> None:
-    """List registered components (with their source package), planned and unavailable ones."""
+    """List registered components (with their source package) and unavailable plugins."""
     kinds = list(REGISTRIES)
     if kind is not None and kind not in REGISTRIES:
         from fewstep.registry import closest
@@ -511,8 +511,6 @@ def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones
         if name == "metrics":   # what `fewstep sweep --metric` accepts
             for row in _sweep_metrics():
                 table.add_row(*map(escape, row))
-        for planned, why in reg.planned().items():
-            table.add_row(planned, "[dim]planned[/]", f"[dim]{escape(why)}[/]")
         for broken, why in reg.unavailable().items():
             table.add_row(broken, "[red]unavailable[/]", escape(why))
         console.print(table)

@@ -75,7 +75,6 @@ class Registry:
         self.kind, self.builtin_module, self.group, self.check = kind, builtin_module, group, check
         self._entries: dict[str, Entry] = {}
         self._unavailable: dict[str, str] = {}   # name -> error message of a broken plugin
-        self._planned: dict[str, str] = {}       # name -> why it cannot be used yet
         self._plugins: set[str] = set()          # names that came from entry points
         self._error: str | None = None           # name clashes among plugins (raised on every use)
         self._loaded = False
@@ -105,7 +104,6 @@ class Registry:
         if not summary:
             summary = ((getattr(obj, "__doc__", None) or "").strip().splitlines() or [""])[0]
         self._entries[name] = Entry(self.kind, name, obj, source, summary)
-        self._planned.pop(name, None)
 
     def remove(self, name: str) -> None:
         """Unregister ``name`` (``fewstep.testing`` uses it to register a class under test for a while)."""
@@ -122,11 +120,6 @@ class Registry:
         self._error = None
         self._loaded = False
 
-    def plan(self, name: str, reason: str) -> None:
-        """Reserve a name for a component that is known but not usable in this version."""
-        if name not in self._entries:
-            self._planned[name] = reason
-
     # -- lookup ---------------------------------------------------------------------------------
     def get(self, name: str) -> Any:
         """The object registered under ``name``; unknown names fail with the closest valid ones."""
@@ -139,10 +132,7 @@ class Registry:
         if name in self._unavailable:
             raise RegistryError(f"{self.kind} {name!r} is unavailable: its plugin failed to load: "
                                 f"{self._unavailable[name]}")
-        if name in self._planned:
-            raise RegistryError(f"{self.kind} {name!r} is not implemented yet: {self._planned[name]}. "
-                                f"Available {self.kind}s: {', '.join(self.names())}")
-        hint = closest(name, self.names() + list(self._planned))
+        hint = closest(name, self.names())
         msg = f"unknown {self.kind} {name!r}"
         if hint:
             msg += f"; did you mean {' or '.join(repr(h) for h in hint)}?"
@@ -164,10 +154,6 @@ class Registry:
         """Broken plugins: name → error message."""
         self._load()
         return dict(self._unavailable)
-
-    def planned(self) -> dict[str, str]:
-        self._load()
-        return dict(self._planned)
 
     # -- loading --------------------------------------------------------------------------------
     def _load(self) -> None:

@@ -1,4 +1,4 @@
-"""Registry: registration, lookup errors with suggestions, duplicates, planned names and plugins."""
+"""Registry: registration, lookup errors with suggestions, duplicates and plugins."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -39,14 +39,6 @@ def test_duplicate_names_are_errors_naming_both_sources():
     r.add("x", object(), source="pkg-a")
     with pytest.raises(RegistryError, match=r"registered twice: by 'pkg-a'.*and by 'pkg-b'"):
         r.add("x", object(), source="pkg-b")
-
-
-def test_planned_name_says_not_implemented():
-    r = make()
-    r.add("fm", object())
-    r.plan("tvm", "coming next")
-    with pytest.raises(RegistryError, match=r"'tvm' is not implemented yet: coming next.*Available widgets: fm"):
-        r.get("tvm")
 
 
 class _FakeDist:

@@ -12,7 +12,6 @@ gT-only backward 6.5F, step 10.5F, flash primal forward + backward 3.5F.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -206,6 +205,3 @@ def summary_lines(rows: list[Row]) -> list[str]:
         lines.append(" | ".join(cells))
     return lines
 
-
-def geometric_mean(values: list[float]) -> float:
-    return math.exp(statistics.fmean(math.log(v) for v in values))

@@ -248,11 +248,6 @@ def latent_format_for(cfg: DataConfig) -> LatentFormat:
     raise DataError(f"dataset {name!r} is not a latent dataset (latents:DIR or imagenet-latents-256/512)")
 
 
-def is_latent_data(cfg: DataConfig) -> bool:
-    """Whether ``cfg`` names a latent dataset this module knows."""
-    return cfg.name.startswith("latents:") or cfg.name in {f"imagenet-latents-{r}" for r in IMAGENET_FORMATS}
-
-
 @registry.register("latents", summary="latents:DIR: VAE latents from `fewstep prepare` (posterior per image, "
                                       "a fresh latent each step, normalised with the measured statistics)")
 def latents(cfg: DataConfig) -> LatentDataset:
