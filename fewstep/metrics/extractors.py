@@ -35,6 +35,8 @@ class FeatureExtractor(nn.Module):
 
     name: str = "?"
     feature_dim: int = 0
+    #: Whether :meth:`embed_with_probabilities` gives class probabilities (for the Inception Score).
+    has_probabilities: bool = False
 
     def preprocess(self, images: Tensor) -> Tensor:
         raise NotImplementedError
@@ -42,12 +44,26 @@ class FeatureExtractor(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    def embed_with_probabilities(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Features (N, D) and class probabilities (N, K) from one pass, or ``None`` for the second where the
+        network has no classifier output (the default)."""
+        return self.embed(x), None
+
+    def _check(self, images: Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"extractor {self.name!r} needs (N, 1|3, H, W) uint8 images, "
                              f"got {tuple(images.shape)} {images.dtype}")
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        self._check(images)
         return self.embed(self.preprocess(images))
+
+    @torch.no_grad()
+    def extract(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 images → (features, class probabilities or ``None``)."""
+        self._check(images)
+        return self.embed_with_probabilities(self.preprocess(images))
 
     def metadata(self) -> dict:
         """Identity recorded next to statistics: ``extractor``, ``weights_sha256``, ``resize``, ``input_size``."""
