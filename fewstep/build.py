@@ -45,6 +45,13 @@ def build_objective(cfg: RunConfig, spec: DataSpec) -> Objective:
     return cls(backbone, cfg.objective, num_classes=spec.num_classes, ema_betas=cfg.train.ema_betas)
 
 
+def training_flops_per_image(objective: Objective) -> float | None:
+    """Model FLOPs of training on one image: the objective's ``flops_per_sample`` of one backbone forward
+    (the backbone's ``forward_flops(1)``); ``None`` for backbones that do not count their FLOPs."""
+    forward_flops = getattr(objective.backbone, "forward_flops", None)
+    return objective.flops_per_sample(forward_flops(1)) if forward_flops else None
+
+
 def spec_from_dict(data: dict) -> DataSpec:
     return DataSpec(**data)
 

@@ -620,45 +620,58 @@ def bench_data(
 def sweep(
     objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe every member starts from, e.g. fashion-mnist-sweep or toy2d."),
-    out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished members and resumes the "
-                             "others (a larger --kimg/--minutes trains finished members on)."),
+    out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished units and resumes the "
+                             "others (a larger budget trains finished units on; more --seeds add units)."),
     file: Optional[Path] = typer.Option(None, "--file", help="Sweep file (.toml or .json): settings and members with "
                                         "their own overrides; options given here win over it (docs/sweeps.md)."),
-    kimg: Optional[float] = typer.Option(None, help="Training length per member in thousands of images (default: the recipe's)."),
-    minutes: Optional[float] = typer.Option(None, help="Wall-clock training budget per member (train.max_minutes, "
-                                            "summed over resumes); with --kimg, whichever comes first."),
+    kimg: Optional[float] = typer.Option(None, help="Equal images: training length per member in thousands of images."),
+    minutes: Optional[float] = typer.Option(None, help="Equal wall-clock: training minutes per member "
+                                            "(train.max_minutes, summed over resumes)."),
+    tflop: Optional[float] = typer.Option(None, help="Equal compute: training TFLOP per member (the objective's "
+                                          "FLOPs per image × images); each member stops at its own image count. "
+                                          "One of --kimg/--minutes/--tflop (none: the recipe's length)."),
+    eval_every_kimg: Optional[float] = typer.Option(None, help="Also evaluate the EMA weights every K kimg during "
+                                                    "training (same samples and metrics): learning_curves.png."),
     nfe: Optional[str] = typer.Option(None, help="Comma list of NFEs to evaluate (default 1,2,4)."),
-    metric: Optional[str] = typer.Option(None, help="An extractor for a Fréchet distance (`fewstep list extractors`), "
-                                         "sliced-wasserstein for point data, or auto (default: fmnist-classifier on "
-                                         "Fashion-MNIST, inception on other images, sliced-wasserstein on points)."),
+    metric: Optional[str] = typer.Option(None, help="Comma list: extractors for Fréchet distances (`fewstep list "
+                                         "extractors`), sliced-wasserstein for point data, or auto (default: "
+                                         "fmnist-classifier on Fashion-MNIST, inception on other images, "
+                                         "sliced-wasserstein on points); the first ranks the table."),
+    protocol: Optional[str] = typer.Option(None, help="clean (default), adm or edm2: the samples' uint8 conversion "
+                                           "and the Inception resize (docs/protocols.md)."),
     num: Optional[int] = typer.Option(None, help="Samples per NFE for the metric, seeds 0 … NUM−1 (default 10000)."),
-    seed: Optional[int] = typer.Option(None, help="Training seed of every member (default 0)."),
+    seeds: Optional[str] = typer.Option(None, help="Training seeds, e.g. 0,1,2 or 0-2: every member trains once per "
+                                        "seed; the report gives means, std and 95 % intervals (default 0)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone flavour for every member (default: the recipe's)."),
     data: Optional[str] = typer.Option(None, help="Dataset for every member (default: the recipe's)."),
     batch: Optional[int] = typer.Option(None, help="Global batch for every member (default: the recipe's)."),
-    ref: Optional[Path] = typer.Option(None, help="Reference statistics from `fewstep fid-ref` (default: made once in "
-                                       "the sweep directory from the training split)."),
+    ref: Optional[Path] = typer.Option(None, help="Reference statistics from `fewstep fid-ref` for a single metric "
+                                       "(default: made once in the sweep directory from the training split)."),
     ref_num: Optional[int] = typer.Option(None, help="Dataset items for the computed reference (default: the whole split)."),
     grid: Optional[int] = typer.Option(None, help="Images per NFE in each samples-<member>.png (default 64)."),
     set_: list[str] = typer.Option([], "--set", help="Override for every member: section.field=value (repeatable)."),
-    parallel: int = typer.Option(1, help="Members run side by side (per GPU with --gpus); on a GPU or with more "
-                                 "than one at a time, each member is a subprocess (log in MEMBER/worker.log)."),
-    gpus: Optional[str] = typer.Option(None, help="Comma list of CUDA device ids; members are dealt to them."),
+    parallel: int = typer.Option(1, help="Units run side by side (per GPU with --gpus); on a GPU or with more "
+                                 "than one at a time, each unit is a subprocess (log in MEMBER/seed-K/worker.log)."),
+    gpus: Optional[str] = typer.Option(None, help="Comma list of CUDA device ids; units are dealt to them."),
     eval_batch: Optional[int] = typer.Option(None, help="Images per sampler/extractor call (does not change the images)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check every member's config, print the spec and how "
                                  "members differ from the first, and exit."),
 ) -> None:
-    """Compare objectives: train each member with the same recipe, data, seed and budget, evaluate every NFE
-    with one metric, and write results.csv, results.md, metric_vs_nfe.png, loss_curves.png and
-    samples-<member>.png into the sweep directory."""
+    """Compare objectives: train each member once per seed with the same recipe, data and budget, evaluate
+    every NFE with the same metrics, and write results.csv, results.md (means ± 95 % intervals, ties where
+    intervals overlap), metric_vs_nfe.png, loss_curves.png, learning_curves.png and samples-<member>.png."""
+    from fewstep.sample import parse_seeds
     from fewstep.sweep import SweepError, member_config, run_sweep, spec_to_dict
     from fewstep.sweep.spec import spec_from_options
 
     try:
-        spec = spec_from_options(file, objectives, set_, recipe=recipe, kimg=kimg, minutes=minutes,
-                                 nfe=[int(v) for v in nfe.split(",")] if nfe else None, metric=metric, num=num,
-                                 seed=seed, backbone=backbone, data=data, batch=batch,
-                                 ref=str(ref) if ref else None, ref_num=ref_num, grid=grid)
+        spec = spec_from_options(file, objectives, set_, recipe=recipe, kimg=kimg, minutes=minutes, tflop=tflop,
+                                 eval_every_kimg=eval_every_kimg,
+                                 nfe=[int(v) for v in nfe.split(",")] if nfe else None,
+                                 metrics=[m.strip() for m in metric.split(",")] if metric else None,
+                                 protocol=protocol, num=num, seeds=parse_seeds(seeds) if seeds else None,
+                                 backbone=backbone, data=data, batch=batch, ref=str(ref) if ref else None,
+                                 ref_num=ref_num, grid=grid)
         if dry_run:
             from fewstep.build import config_changes
 
@@ -672,9 +685,9 @@ def sweep(
             return
         result = run_sweep(spec, out, parallel=parallel, gpus=gpus.split(",") if gpus else None, eval_batch=eval_batch,
                            log=lambda m: console.print(m, highlight=False, soft_wrap=True))
-    except (SweepError, *USER_ERRORS) as exc:
+    except (SweepError, ImportError, *USER_ERRORS) as exc:
         _fail(exc)
-    console.print((out / "results.md").read_text(), highlight=False, soft_wrap=True)
+    console.print((out / "results.md").read_text(), highlight=False, soft_wrap=True, markup=False)
     if result.stopped:
         import signal
 

@@ -24,7 +24,8 @@ from accelerate import Accelerator
 
 from fewstep import __version__
 from fewstep.backbones.inputs import trusted_labels
-from fewstep.build import build_objective, build_optimizer, load_state, resolve, write_run_config
+from fewstep.build import (build_objective, build_optimizer, load_state, resolve, training_flops_per_image,
+                           write_run_config)
 from fewstep.checkpoints import CheckpointWriteError, load_optimizer_state, save_checkpoint
 from fewstep.compiling import compile_objective, set_activation_checkpointing
 from fewstep.config import RunConfig, to_dict
@@ -144,8 +145,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
         status.event({"event": "checkpoint_skipped", "message": note}, f"warning: {note}")
     if ckpt is not None:
         status.print(f"resumed from {ckpt.path.name} at {nimg / 1000:.3f} kimg (step {step})")
-    fwd_flops = getattr(objective.backbone, "forward_flops", None)
-    flops_per_img = objective.flops_per_sample(fwd_flops(1)) if fwd_flops else None
+    flops_per_img = training_flops_per_image(objective)
     peak = peak_flops(device)
     reduce_sum = (lambda v: accelerator.reduce(v, "sum")) if layout.world > 1 else None
     saved = {"step": ckpt.step if ckpt else -1, "path": ckpt.path if ckpt else None}
