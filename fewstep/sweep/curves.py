@@ -89,11 +89,12 @@ def learning_curves_png(path: Path, spec: Any, rows: Sequence[Any], metric: str)
             ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False)
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.972), ncol=min(len(labels), 6),
+                   frameon=False)
     seeds = len(spec.seeds)
     fig.suptitle(f"{label} during training: mean of {seeds} seed{'s' if seeds > 1 else ''}"
                  + (", band: 95 % interval" if seeds > 1 else ""), y=0.995, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -227,8 +227,8 @@ def markdown(spec: SweepSpec, rows: list[Row], members: list[MemberSummary]) -> 
         label = metric_label(metric)
         head = ["member", *(f"{label} @{n} NFE" for n in spec.nfe), "kimg", "TFLOP", "img/s",
                 "GPU-min" if gpu else "CPU-min", "peak GiB"]
-        lines += [f"## {label}" if len(spec.metrics) > 1 else "",
-                  "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += [f"## {label}", ""] if len(spec.metrics) > 1 else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         for s in members:
             name = s.member + (f" (`{s.overrides}`)" if s.overrides else "")
             cells = [_score_cell(s.scores[metric][str(n)], s.ranks[metric][str(n)]) for n in spec.nfe]
