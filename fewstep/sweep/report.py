@@ -220,8 +220,8 @@ def markdown(spec: SweepSpec, rows: list[Row], members: list[MemberSummary]) -> 
              + (f"; learning curves every {spec.eval_every_kimg:g} kimg" if spec.eval_every_kimg else "")
              + (f"; shared overrides: `{' '.join(spec.overrides)}`" if spec.overrides else "")
              + (f"; device: {', '.join(devices)}" if devices else "") + ".", "",
-             f"Cells: mean over seeds ± half-width of its 95 % t-interval (rank). A member ranks ahead of another "
-             f"only when its interval lies entirely below the other's; `1=` is a shared place (a tie)."
+             "Cells: mean over seeds ± half-width of its 95 % t-interval (rank). A member ranks ahead of another "
+             "only when its interval lies entirely below the other's; `1=` is a shared place (a tie)."
              + (" With one seed there are no intervals and no ranks." if len(spec.seeds) == 1 else ""), ""]
     for metric in spec.metrics:
         label = metric_label(metric)
