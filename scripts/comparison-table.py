@@ -32,7 +32,7 @@ from pathlib import Path
 
 # Released-code variants: (member name, base objective, overrides). See docs/design/tvm-init.md and
 # docs/design/meanflow-dropout.md.
-VARIANTS = [("tvm-released", "tvm", ["backbone.init=spectral-released", "backbone.time_init=normal"]),
+VARIANTS = [("tvm-released", "tvm", ["backbone.time_init=normal", "backbone.init=spectral-released"]),
             ("meanflow-released", "meanflow", ["objective.label_dropout_samples=first"])]
 
 # The GPU budget, and why: 7 members × 3 seeds = 21 units of DiT-S/2. Measured throughput with five members
