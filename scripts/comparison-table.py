@@ -14,7 +14,7 @@ after the preset (``--kimg``, ``--seeds``, ``--parallel``, ``--metric``, ``--num
 ``--dry-run``) override it.
 
 Members: every objective in ``fewstep list objectives`` (the frontier objectives too, once registered),
-plus ``tvm-released`` (``backbone.init=spectral-released``: the released TVM code's effective init) and
+plus (where the recipe's backbone has the switch: not on the toy MLP) ``tvm-released`` (``backbone.init=spectral-released``: the released TVM code's effective init) and
 ``meanflow-released`` (``objective.label_dropout_samples=first``: the released MeanFlow code's label
 dropout). Schedules in images: the GPU and toy recipes scale them already (``fashion-mnist-sweep`` to
 300 kimg, ``toy2d`` to 1 000 kimg, so a lengthened table stays valid); the ``smoke`` recipe keeps the papers'
@@ -57,17 +57,27 @@ PRESETS = {
 }
 
 
-def members(schedule_kimg: float | None) -> list[dict]:
-    """Every registered objective, then the released variants; schedules in images scaled to
+def members(recipe: str, schedule_kimg: float | None) -> list[dict]:
+    """Every registered objective, then the released variants the recipe's backbone has the switches for
+    (``tvm-released`` needs the DiT: the toy MLP has no patch embedding); schedules in images scaled to
     ``schedule_kimg`` (``None``: the recipe's)."""
     import dataclasses
 
-    from fewstep.config import default_objective_config
+    from fewstep.cli import build_config
+    from fewstep.config import ConfigError, default_objective_config
     from fewstep.registry import objectives
 
     names = list(objectives.names())
     out = [{"objective": n} for n in names]
-    out += [{"name": name, "objective": base, "overrides": list(sets)} for name, base, sets in VARIANTS if base in names]
+    for name, base, sets in VARIANTS:
+        if base not in names:
+            continue
+        try:
+            build_config(recipe, base, None, None, None, None, list(sets))
+        except ConfigError as exc:
+            print(f"{name} left out: {exc}")
+            continue
+        out.append({"name": name, "objective": base, "overrides": list(sets)})
     for m in out if schedule_kimg else []:
         kimg = schedule_kimg
         fields = {f.name for f in dataclasses.fields(default_objective_config(m["objective"]))}
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metric:
         p["metrics"] = args.metric.split(",")
     parallel, schedule_kimg = p.pop("parallel"), p.pop("schedule_kimg")
-    spec = {**p, "members": members(schedule_kimg)}
+    spec = {**p, "members": members(p["recipe"], schedule_kimg)}
     file = args.out.with_suffix(".json")
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(spec, indent=1) + "\n")
