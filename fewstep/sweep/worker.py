@@ -184,9 +184,9 @@ def run_unit(sweep_dir: str | os.PathLike, spec: SweepSpec, name: str, seed: int
             else:
                 evaluate_unit(sweep_dir, spec, member, seed, eval_batch=eval_batch, log=log, target_kimg=pending[0])
             continue
-        if state.step and not resumed_logged:
+        if state.step and not resumed_logged:   # progress from an earlier invocation, not our own segment
             log(f"{label}: resuming at {state.kimg:.3f} kimg (step {state.step})")
-            resumed_logged = True
+        resumed_logged = True
         segment = cfg if not pending else dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, total_kimg=pending[0]))
         result = train(segment, run_dir, show_progress=show_progress)
