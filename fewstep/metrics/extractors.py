@@ -10,8 +10,9 @@ Registered in :data:`fewstep.registry.extractors` (``fewstep list extractors``):
 * ``random-projection``: a fixed Gaussian projection of the pixels (tests and CPU pipelines).
 
 A plugin registers a callable ``(device=..., **options) -> FeatureExtractor`` under a new name (entry-point
-group ``fewstep.extractors``), e.g. FD-DINOv2. Its :meth:`FeatureExtractor.metadata` identifies it in
-reference statistics, so FIDs from different extractors are never compared.
+group ``fewstep.extractors``), as the in-tree ``dinov2`` (:mod:`fewstep.metrics.dinov2`) is registered. Its
+:meth:`FeatureExtractor.metadata` identifies it in reference statistics, so FIDs from different extractors
+are never compared. Extractors with class probabilities (``has_probabilities``) also give the Inception Score.
 """
 from __future__ import annotations
 
