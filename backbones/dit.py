@@ -75,9 +75,13 @@ class DiTConfig(BackboneConfig):
         norm: block and final pre-norms, without affine parameters, eps 1e-6.
         qk_norm: RMSNorm over head_dim on q and k, learnable weight (init 1), eps 1e-6.
         mod_norm: RMS-normalise each adaLN modulation vector over D (no weight, eps 1e-6).
-        init: ``xavier`` (uniform, original DiT) or ``spectral`` (xavier-normal ÷ largest singular
-            value); the patch conv is treated flattened; biases 0.
-        time_init: time/gap/guidance MLPs ``normal`` N(0, 0.02) or ``spectral``.
+        init: ``xavier`` (uniform, original DiT), ``spectral`` (xavier-normal ÷ largest singular
+            value, TVM as written) or ``spectral-released`` (the effective init of the released TVM
+            code: ``spectral`` except the patch conv, which keeps its unnormalised xavier-normal
+            weight, largest singular value ≈ 1.5; see docs/design/tvm-init.md). The patch conv is
+            treated flattened; biases 0.
+        time_init: time/gap/guidance MLPs ``normal`` N(0, 0.02) or ``spectral``; ``spectral-released``
+            needs ``normal`` (the released code's spectral time init never reaches the model).
         gap_embedder: the backbone takes a second time s (two-time objectives); with
             ``time_mode`` t+h or h a second sinusoidal MLP embeds the gap t − s, with t+s it embeds s,
             with split there is no second embedder.
@@ -106,7 +110,7 @@ class DiTConfig(BackboneConfig):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     qk_norm: bool = False
     mod_norm: bool = False
-    init: Literal["xavier", "spectral"] = "xavier"
+    init: Literal["xavier", "spectral", "spectral-released"] = "xavier"
     time_init: Literal["normal", "spectral"] = "normal"
     gap_embedder: bool = False
     guidance_embedder: bool = False
@@ -128,9 +132,14 @@ class DiTConfig(BackboneConfig):
             (self.patch_size >= 1, f"patch_size must be ≥ 1, got {self.patch_size}"),
             (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
-            (self.init in ("xavier", "spectral"), f"init must be 'xavier' or 'spectral', got {self.init!r}"),
+            (self.init in ("xavier", "spectral", "spectral-released"),
+             f"init must be 'xavier', 'spectral' or 'spectral-released', got {self.init!r}"),
             (self.time_init in ("normal", "spectral"),
              f"time_init must be 'normal' or 'spectral', got {self.time_init!r}"),
+            (not (self.init == "spectral-released" and self.time_init == "spectral"),
+             "init='spectral-released' reproduces the released TVM code, whose time/gap/guidance MLPs start "
+             "N(0, 0.02) (its time_specinit never reaches the model); set time_init='normal', or init='spectral' "
+             "for spectral time MLPs"),
             (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}"),
         ]
         for ok, message in checks:
@@ -308,11 +317,15 @@ class DiT(nn.Module):
             if layer is not None:
                 zero += [layer.adaLN_modulation.linear, layer.linear]
         timed = [m for e in self.time_embedders() for m in e.mlp if isinstance(m, nn.Linear)]
-        base = spectral_init_ if cfg.init == "spectral" else xavier_uniform_flat_
+        base = xavier_uniform_flat_ if cfg.init == "xavier" else spectral_init_
         for m in self.modules():                      # every Linear and the patch conv
             if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(m is z for z in zero + timed):
                 base(m.weight)
                 nn.init.zeros_(m.bias)
+        if cfg.init == "spectral-released":
+            # The released TVM code divides a rebound ``.data`` alias of the patch weight by its largest
+            # singular value, so the division never reaches the parameter: it keeps xavier-normal.
+            nn.init.xavier_normal_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
         for m in timed:
             if cfg.time_init == "spectral":
                 spectral_init_(m.weight)

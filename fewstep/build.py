@@ -74,7 +74,7 @@ def init_from_run(objective: Objective, source: str | os.PathLike) -> str:
             parameter names or shapes differ from this one's (one line naming the first differences).
     """
     ckpt = find_checkpoint(source)
-    weights = run_config_from_dict(ckpt.manifest["config"]).sample.weights
+    weights = run_config_from_dict(ckpt.field("config")).sample.weights
     prefix = "backbone." if weights == "online" else f"ema.{weights}."
     state = {k[len(prefix):]: v for k, v in ckpt.tensors("objective.safetensors").items() if k.startswith(prefix)}
     if not state:
@@ -96,6 +96,13 @@ def init_from_run(objective: Objective, source: str | os.PathLike) -> str:
     for module in copies:
         module.load_state_dict(state)
     return f"{weights} weights of {ckpt.path} (step {ckpt.step}, {float(ckpt.manifest['kimg']):g} kimg)"
+
+
+def training_flops_per_image(objective: Objective) -> float | None:
+    """Model FLOPs of training on one image: the objective's ``flops_per_sample`` of one backbone forward
+    (the backbone's ``forward_flops(1)``); ``None`` for backbones that do not count their FLOPs."""
+    forward_flops = getattr(objective.backbone, "forward_flops", None)
+    return objective.flops_per_sample(forward_flops(1)) if forward_flops else None
 
 
 def spec_from_dict(data: dict) -> DataSpec:

@@ -18,7 +18,6 @@ deletes anything unless a newer checkpoint passed a full SHA-256 check.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from fewstep.files import save_tensors, write_json
+from fewstep.files import save_tensors, sha256_of, write_json
 
 FORMAT = "fewstep-checkpoint"
 VERSION = 1
@@ -87,14 +86,6 @@ class Checkpoint:
         except Exception as exc:   # unreadable (another user's run), or safetensors' own error for a bad file
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise CheckpointError(f"cannot read {file}: {reason}") from exc
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -166,7 +157,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, objective_state: d
             save_tensors(tensors, tmp / "optimizer.safetensors")
         for rank, rng in enumerate(rng_states):
             save_tensors(rng, tmp / f"rng-rank{rank}.safetensors")
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"sha256": sha256_of(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         body = {"format": FORMAT, "version": VERSION, "step": step, **manifest,
                 "optimizer": extra or None, "files": files}
         write_json(tmp / "manifest.json", body, fsync=True)
@@ -268,7 +259,7 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> Checkpoin
             raise CheckpointError(f"checkpoint file {file} is truncated or corrupted: "
                                   f"{file.stat().st_size} bytes, manifest says {info['bytes']}")
         try:
-            if hashes and _sha256(file) != info["sha256"]:
+            if hashes and sha256_of(file) != info["sha256"]:
                 raise CheckpointError(f"checkpoint file {file} is corrupted: SHA-256 does not match its manifest")
         except OSError as exc:
             raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from exc

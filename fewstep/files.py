@@ -15,6 +15,7 @@ Every file fewstep writes (checkpoints, ``config.json``, sample grids, reports, 
 from __future__ import annotations
 
 import errno as errno_codes
+import hashlib
 import json
 import os
 import re
@@ -103,6 +104,15 @@ def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, *, fsync: 
     a full disk raises :class:`OSError` (``ENOSPC``), not safetensors' own error type."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return write_atomic(path, lambda tmp: save_file(cpu, str(tmp)), fsync=fsync)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:

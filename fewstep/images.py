@@ -13,19 +13,33 @@ from torch import Tensor
 from fewstep.files import write_atomic
 
 
-def to_uint8(images: Tensor, rounding: Literal["round", "truncate"] = "round") -> Tensor:
-    """(N, C, H, W) floats in [−1, 1] → uint8 in [0, 255].
+ROUNDINGS = ("round", "truncate", "floor", "half-up")
 
-    ``round``: ``round((x + 1) · 127.5)``, clamped (pixel datasets stored as ``u8 / 127.5 − 1`` round-trip
-    exactly). ``truncate``: ``(x · 0.5 + 0.5)`` clamped to [0, 1], ×255, cast by truncation — what the
-    official TVM/EDM2 code does to VAE decoder outputs (``docs/design/tvm.md`` §4).
+
+def to_uint8(images: Tensor, rounding: Literal["round", "truncate", "floor", "half-up"] = "round") -> Tensor:
+    """(N, C, H, W) floats in [−1, 1] → uint8 in [0, 255], with the arithmetic of one reference code each
+    (they differ only where 127.5·(x + 1) is within a rounding step of an integer or half-integer):
+
+    * ``round``: ``round((x + 1) · 127.5)``, clamped (pixel datasets stored as ``u8 / 127.5 − 1`` round-trip
+      exactly; fewstep's default, as a PNG writer would).
+    * ``truncate``: ``(x · 0.5 + 0.5)`` clamped to [0, 1], ×255, cast by truncation — the official TVM and
+      EDM2 code on VAE decoder outputs (``StabilityVAEEncoder.decode``; ``docs/design/tvm.md`` §4).
+    * ``floor``: ``((x + 1) · 127.5)`` clamped to [0, 255], cast by truncation — ADM's sampling scripts
+      (guided-diffusion ``scripts/image_sample.py``), whose ``.npz`` files ADM's evaluator reads.
+    * ``half-up``: ``(x · 127.5 + 128)`` clamped to [0, 255], cast by truncation (rounds halves up) —
+      StyleGAN3's metrics (``metric_utils.compute_feature_stats_for_generator``), EDM2's pixel encoder and
+      DiT's ``sample_ddp.py`` (on VAE outputs).
     """
     images = images.detach().float().cpu()
+    if rounding == "round":
+        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     if rounding == "truncate":
         return (images * 0.5 + 0.5).clamp(0, 1).mul(255).to(torch.uint8)
-    if rounding != "round":
-        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if rounding == "floor":
+        return ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    if rounding == "half-up":
+        return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
 
 
 def make_grid(blocks: list[Tensor], ncol: int | None = None, pad: int = 2) -> Tensor:

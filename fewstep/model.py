@@ -126,7 +126,7 @@ def load(path: str | os.PathLike, weights: str | None = "ema", device: torch.dev
     valid = ["online", *objective.ema.keys()]
     if weights not in valid:
         raise ValueError(f"{path} has no weights named {weights!r} (valid: {', '.join(valid)})")
-    return Model(objective=objective, config=cfg, spec=spec_from_dict(ckpt.manifest["data_spec"]), weights=weights,
+    return Model(objective=objective, config=cfg, spec=spec_from_dict(ckpt.field("data_spec")), weights=weights,
                  device=device, checkpoint=ckpt)
 
 

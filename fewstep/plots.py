@@ -35,7 +35,7 @@ DPI = 100
 class PlotsUnavailable(ImportError):
     """matplotlib is not installed."""
 
-def _figure(width_px: float, height_px: float) -> Any:
+def figure(width_px: float, height_px: float) -> Any:
     """An Agg-backed matplotlib Figure of the given size in pixels."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,7 +47,7 @@ def _figure(width_px: float, height_px: float) -> Any:
     FigureCanvasAgg(fig)
     return fig
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG at its own size and DPI, atomically."""
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
@@ -94,7 +94,7 @@ def line_chart(path: str | os.PathLike, series: Sequence[Series], *, title: str 
         x_ticks: tick positions on x, labelled as given (e.g. the NFEs evaluated).
         size: (width, height) in pixels.
     """
-    fig = _figure(*size)
+    fig = figure(*size)
     ax = fig.add_subplot()
     _draw_lines(ax, series, log_x=log_x, log_y=log_y, x_ticks=x_ticks)
     ax.set_title(title)
@@ -103,7 +103,7 @@ def line_chart(path: str | os.PathLike, series: Sequence[Series], *, title: str 
     if len(series) > 1:
         ax.legend(frameon=False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 @dataclass
 class Panel:
@@ -120,7 +120,7 @@ def panel_chart(path: str | os.PathLike, panels: Sequence[Panel], *, xlabel: str
         raise ValueError("panel_chart needs at least one panel")
     ncols = max(1, min(ncols, len(panels)))
     nrows = -(-len(panels) // ncols)
-    fig = _figure(panel_size[0] * ncols, panel_size[1] * nrows + (30 if title else 0))
+    fig = figure(panel_size[0] * ncols, panel_size[1] * nrows + (30 if title else 0))
     for i, panel in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         _draw_lines(ax, panel.series, log_x=False, log_y=None, x_ticks=None)
@@ -132,7 +132,7 @@ def panel_chart(path: str | os.PathLike, panels: Sequence[Panel], *, xlabel: str
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 # ---------------------------------------------------------------------------------------------------
 # Scatter plots
@@ -162,7 +162,7 @@ def scatter_png(path: str | os.PathLike, point_sets: Sequence[Tensor], titles: S
         raise ValueError(f"got {len(titles)} titles for {len(point_sets)} point sets")
     lo, hi = extent if extent is not None else default_extent(point_sets[0])
     n = len(point_sets)
-    fig = _figure(panel_px * n, panel_px + (40 if title else 10))
+    fig = figure(panel_px * n, panel_px + (40 if title else 10))
     axes = fig.subplots(1, n, squeeze=False)[0]
     for k, (ax, points, name) in enumerate(zip(axes, point_sets, titles)):
         p = points.detach().float().cpu().numpy()
@@ -178,7 +178,7 @@ def scatter_png(path: str | os.PathLike, point_sets: Sequence[Tensor], titles: S
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 # ---------------------------------------------------------------------------------------------------
 # Sample grids with labelled blocks
@@ -213,7 +213,7 @@ def labelled_grid_png(path: str | os.PathLike, blocks: list[Tensor], labels: Seq
     left = 16 + int(char_px * max(len(label) for label in labels))
     top = 30 if title else 4
     W, H = max(left + width + 4, int(char_px * len(title)) + 16), top + height + 4
-    fig = _figure(W, H)
+    fig = figure(W, H)
     fig.figimage(grid.permute(1, 2, 0).contiguous().numpy(), xo=left, yo=4, origin="upper")
     block_top, pad = top, 2
     cols = ncol or max(1, int(round(blocks[0].shape[0] ** 0.5)))
@@ -225,7 +225,7 @@ def labelled_grid_png(path: str | os.PathLike, blocks: list[Tensor], labels: Seq
         block_top += block_h + 2 * pad   # the grey gap between blocks
     if title:
         fig.text(0.5, 1 - 15 / H, title, ha="center", va="center", fontsize=fontsize)
-    _save(fig, path)
+    save_figure(fig, path)
     return GridLayout(left=left, top=top)
 
 _warned_unlabelled = False

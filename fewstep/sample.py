@@ -41,7 +41,7 @@ class SampleResult:
 
 
 def output_decoder(data: Any, spec: DataSpec | dict, *, device: torch.device | str | None = None,
-                   vae: Any = None) -> Callable[[Tensor], Tensor]:
+                   vae: Any = None, protocol: str | None = None) -> Callable[[Tensor], Tensor]:
     """What turns samples of a run's data into (N, C, H, W) uint8 images.
 
     Pixels: :func:`fewstep.images.to_uint8` (rounded). Latents (``spec.kind == "latents"``): a
@@ -52,16 +52,23 @@ def output_decoder(data: Any, spec: DataSpec | dict, *, device: torch.device | s
     Args:
         data: the run's :class:`~fewstep.config.DataConfig` (``cfg.data``).
         spec: its :class:`DataSpec` (or the ``data_spec`` dict of a checkpoint manifest).
+        protocol: an evaluation protocol (:mod:`fewstep.metrics.protocols`) whose uint8 conversion to use
+            (``None``: the defaults above, which are the ``clean`` protocol's).
     """
+    import functools
+
+    from fewstep.metrics.protocols import get_protocol
+
+    proto = get_protocol(protocol or "clean")
     kind = spec.get("kind") if isinstance(spec, dict) else spec.kind
     if kind != "latents":
         from fewstep.images import to_uint8
 
-        return to_uint8
+        return to_uint8 if proto.pixels == "round" else functools.partial(to_uint8, rounding=proto.pixels)
     from fewstep.data.latents import latent_format_for
     from fewstep.data.vae import LatentDecoder
 
-    return LatentDecoder(latent_format_for(data), vae=vae, device=device)
+    return LatentDecoder(latent_format_for(data), vae=vae, device=device, rounding=proto.latents)
 
 
 def parse_device(text: str) -> torch.device:

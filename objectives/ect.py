@@ -28,7 +28,20 @@ from a pretrained diffusion model; here the backbone is whatever the caller give
 Shared randomness: the target pass re-uses the grad pass's dropout masks by restoring the global RNG
 state of x's device before it (ECT restores the CUDA RNG). Our DiT has no dropout, so this is a no-op
 there. Sampling (``step``): x̂₀ = f_θ(x_t/(1 − t), σ(t)), then re-noise to s: x_s = (1 − s)·x̂₀ + s·noise
-(EDM x̂₀ + σ_s·noise); ``default_schedule`` is [t(σ_max)] + intermediate [t(σ_mid), …] + [0].
+(EDM x̂₀ + σ_s·noise); ``default_schedule`` is [1] + intermediate [t(σ_mid), …] + [0]. The first jump
+starts from the sampler's pure noise z at t = 1 (σ = ∞), which ECT's sampler replaces by x_σ = σ_max·z at
+σ = σ_max (official ``generator_fn``: ``latents * t_steps[0]``): so does ``step`` at t = 1. (Reading z
+as the state at t(σ_max) = 80/81 instead would give x_σ = z/(1 − t) = 81·z, a 1.25 % too large input.)
+
+Deviations from the official settings, documented (docs/design/ect-settings.md):
+
+* ``sigma_min`` = 0.002 (iCT's and EDM's), where ECT's evaluation preconditioning (``ECMPrecond``) uses
+  0.003. ECT trains with plain EDM c_skip/c_out (no σ_min) and switches to the boundary form only to
+  evaluate; we train the boundary form, so training and sampling must share one σ_min, and we keep the
+  consistency-model value. Set ``objective.sigma_min=0.003`` for ECT's evaluation value.
+* ``huber_c=None`` (iCT's c = 0.00054·√(C·H·W)) where ECT's CIFAR-10 recipe uses c = 0 (a plain L2 norm).
+  We train from scratch, not from a pretrained diffusion model: c > 0 keeps the gradient of d bounded for
+  small residuals. ``objective.huber_c=0`` gives ECT-CIFAR's distance.
 """
 from __future__ import annotations
 
@@ -42,7 +55,7 @@ from torch import Tensor, nn
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import per_sample, rand, randn
-from fewstep.objectives.edm import consistency_function, sigma_from_t, t_from_sigma, t_max, x_sigma_from_x_t
+from fewstep.objectives.edm import consistency_function, sigma_from_t, t_from_sigma, x_sigma_from_x_t
 from fewstep.registry import objectives
 
 SIGMA_P = 1.0   # the toolkit prior std: x_t = (1 − t)·x + t·ε with ε ~ N(0, I) (contracts.py)
@@ -50,16 +63,19 @@ SIGMA_P = 1.0   # the toolkit prior std: x_t = (1 − t)·x + t·ε with ε ~ N(
 
 @dataclass(kw_only=True)
 class ECTConfig(ObjectiveConfig):
-    """ECT settings (defaults: the CIFAR-10 ECM recipe, docs/design/objectives.md §4.2).
+    """ECT settings (defaults: the CIFAR-10 ECM recipe (docs/design/ect-settings.md) except two documented
+    deviations, ``sigma_min`` and ``huber_c``; see the module docstring).
 
     Attributes:
         sigma_data: σ_d of the preconditioning (data std; 0.5 for pixels in [−1, 1]).
-        sigma_min, sigma_max: EDM noise range; f(x, σ_min) = x; sampling starts at σ_max.
+        sigma_min, sigma_max: EDM noise range; f(x, σ_min) = x; sampling starts at σ_max (x_σ = σ_max·z).
+            σ_min 0.002 (iCT/EDM) in training and sampling; ECT evaluates with 0.003 (a deviation).
         P_mean, P_std: ln σ_t ~ N(P_mean, P_std²) (IN-64: −0.8, 1.6).
         q: gap shrink factor per stage (CIFAR 2, IN-64 4).
         k, b: the sigmoid mapping n(σ) = 1 + k·sigmoid(−b·σ).
         stage_kimg: images (thousands) per stage; ECT: every 25k iterations at batch 128 = 3200 kimg.
-        huber_c: pseudo-Huber c (whole-vector units); ``None`` = 0.00054·√(C·H·W); 0 = L2 norm.
+        huber_c: pseudo-Huber c (whole-vector units); ``None`` = 0.00054·√(C·H·W) (iCT's rule, a deviation:
+            ECT-CIFAR uses 0); 0 = L2 norm.
         weighting: ``gap`` 1/(σ_t − σ_r) (ECT CIFAR, iCT) or ``snrpk`` 1/σ_t² + 1/σ_d² (ECT IN-64).
         sigma_mid: 2-step intermediate σ (0.821 ECT CIFAR; 1.526 ECT IN-64). For nfe ≥ 3 the
             intermediate σ's are log-spaced from σ_max to σ_mid (our extension; ECT reports ≤ 2 steps).
@@ -176,19 +192,21 @@ class ECT(Objective):
     # -- sampling -----------------------------------------------------------------------------------
     def step(self, x: Tensor, t: Tensor, s: Tensor, cond: Condition, net: nn.Module | None = None,
              noise: Tensor | None = None) -> Tensor:
-        """Jump to the data end and re-noise to s: x_s = (1 − s)·f_θ(x_t/(1 − t), σ(t)) + s·noise.
+        """Jump to the data end and re-noise to s: x_s = (1 − s)·f_θ(x_σ, σ) + s·noise.
 
         Args:
-            x: (B, C, H, W) state at toolkit times ``t`` (B,) in (0, 1) (t = 1 is σ = ∞: start at
-                :meth:`default_schedule`'s t_max instead).
+            x: (B, C, H, W) state at toolkit times ``t`` (B,) in (0, 1]. For t < 1, x_σ = x_t/(1 − t) at
+                σ(t); at t = 1 (pure noise z, σ = ∞) ECT's start: x_σ = σ_max·z at σ = σ_max.
             s: (B,) re-noise times ≤ t; s = 0 returns x̂₀ and needs no noise.
             noise: (B, C, H, W) fresh N(0, I) noise (required where s > 0).
         """
-        if bool((t >= 1).any()):
-            raise ValueError(f"ECT cannot evaluate t = 1 (σ = ∞); start at t_max = "
-                             f"{t_max(self.config.sigma_max, SIGMA_P):.6f} (σ_max = {self.config.sigma_max})")
-        sigma = sigma_from_t(t.to(x.dtype), SIGMA_P)
-        x0 = self.f(x_sigma_from_x_t(x, t), sigma, cond.y, net).to(x.dtype)
+        if bool((t > 1).any()):
+            raise ValueError(f"times must lie in [0, 1], got t up to {float(t.max())}")
+        start = t >= 1                                             # pure noise: start at σ_max
+        t_safe = torch.where(start, torch.zeros_like(t), t).to(x.dtype)
+        sigma = torch.where(start, torch.full_like(t_safe, self.config.sigma_max), sigma_from_t(t_safe, SIGMA_P))
+        x_sigma = torch.where(per_sample(start, x), self.config.sigma_max * x, x_sigma_from_x_t(x, t_safe))
+        x0 = self.f(x_sigma, sigma, cond.y, net).to(x.dtype)
         if bool((s <= 0).all()):
             return x0
         if noise is None:
@@ -197,13 +215,13 @@ class ECT(Objective):
         return (1 - s_) * x0 + s_ * noise.to(x.dtype)
 
     def default_schedule(self, nfe: int) -> list[float]:
-        """[t(σ_max), t(σ_1), …, t(σ_{nfe−1}), 0] with σ_i = σ_max·(σ_mid/σ_max)^{i/(nfe−1)}
-        (σ_1 = σ_mid for nfe = 2, ECT's 2-step sampler); t(σ) = σ/(σ + 1), so t(80) = 80/81."""
+        """[1, t(σ_1), …, t(σ_{nfe−1}), 0] with σ_i = σ_max·(σ_mid/σ_max)^{i/(nfe−1)} (σ_1 = σ_mid for
+        nfe = 2, ECT's 2-step sampler); t(σ) = σ/(σ + 1). The first jump starts at σ_max (see :meth:`step`)."""
         if nfe < 1:
             raise ValueError(f"nfe must be ≥ 1, got {nfe}")
         cfg = self.config
         sigmas = [cfg.sigma_max * (cfg.sigma_mid / cfg.sigma_max) ** (i / (nfe - 1)) for i in range(1, nfe)]
-        return [t_max(cfg.sigma_max, SIGMA_P)] + [s / (s + SIGMA_P) for s in sigmas] + [0.0]
+        return [1.0] + [s / (s + SIGMA_P) for s in sigmas] + [0.0]
 
 
 def _rng_state(device: torch.device) -> Tensor | None:

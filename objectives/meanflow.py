@@ -24,12 +24,20 @@ for t ∈ [guidance_t_min, guidance_t_max] (ω = 1, κ = 0 outside); the two pas
 the online net in eval mode. The learned field is v_∅ + ω'·(v_y − v_∅) with ω' = ω/(1 − κ). Labels are
 dropped to ∅ with probability ``label_dropout``; dropped samples use the unguided v.
 
+Which samples are dropped (``label_dropout_samples``): ``mask`` (default) drops the samples the Bernoulli
+mask picks, as the paper describes. The official JAX code draws the same mask but then drops the *first*
+k samples of the batch, k = the mask's count (``cond_drop``); those are always among its first
+round(0.75·B) samples, which have r = t, so its null-label model is trained only on the flow-matching
+branch the guidance passes query (u(z_t, t, t | ∅)). ``first`` reproduces that. Either choice deviates
+from one of the two sources (docs/design/meanflow-dropout.md).
+
 Sampling (§2.5): z_s = z_t − (t − s)·u_θ(z_t, t, s), one evaluation per jump, schedule
 linspace(1, 0, nfe + 1) (the base-class default). CFG at sampling must stay 1 (guidance is baked in).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +62,9 @@ class MeanFlowConfig(ObjectiveConfig):
             ω = 1, κ = 0 switches guidance off (no extra passes).
         guidance_t_min, guidance_t_max: guidance is applied for t in this closed interval only.
         label_dropout: probability of training a sample with the null label (and unguided ṽ = v).
+        label_dropout_samples: ``mask`` drops the samples a Bernoulli(label_dropout) mask picks (the paper);
+            ``first`` drops the first k samples, k = that mask's count, as the released JAX code does (they
+            all have r = t, see the module docstring). Same random draws either way.
         norm_p, norm_eps: adaptive weight 1/sg((L + c)^p), p = norm_p ≥ 0, c = norm_eps > 0.
     """
 
@@ -66,6 +77,7 @@ class MeanFlowConfig(ObjectiveConfig):
     guidance_t_min: float = 0.0
     guidance_t_max: float = 1.0
     label_dropout: float = 0.1
+    label_dropout_samples: Literal["mask", "first"] = "mask"
     norm_p: float = 1.0
     norm_eps: float = 0.01
 
@@ -78,6 +90,8 @@ class MeanFlowConfig(ObjectiveConfig):
             (self.guidance_t_min <= self.guidance_t_max,
              f"guidance_t_min {self.guidance_t_min} must not exceed guidance_t_max {self.guidance_t_max}"),
             (0.0 <= self.label_dropout < 1.0, f"label_dropout must lie in [0, 1), got {self.label_dropout}"),
+            (self.label_dropout_samples in ("mask", "first"),
+             f"label_dropout_samples must be 'mask' or 'first', got {self.label_dropout_samples!r}"),
             (self.norm_p >= 0, f"norm_p must be ≥ 0, got {self.norm_p}"),
             (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
         ]
@@ -179,6 +193,9 @@ class MeanFlow(Objective):
         z_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
         v = eps - x
         y_net, dropped = drop_labels(y, cfg.label_dropout, self.num_classes, generator)
+        if cfg.label_dropout_samples == "first" and y is not None and self.num_classes > 0:
+            dropped = torch.arange(y.shape[0], device=dropped.device) < dropped.sum()   # JAX cond_drop
+            y_net = torch.where(dropped.to(y.device), torch.full_like(y, self.num_classes), y)
         v_tilde = self.guided_velocity(v, z_t, t, y, dropped).to(z_t.dtype).detach()
 
         u, dudt = backbone_jvp(self.backbone, z_t, t, r, (v_tilde, torch.ones_like(t), None), y=y_net,

@@ -20,7 +20,7 @@ def default(objective: str = "fm") -> RunConfig:
     if not torch.cuda.is_available():
         cfg = smoke(objective)
     elif objective == "tvm":
-        cfg = imagenet_tvm(256, 2.0, scaled=True, time_init="spectral")
+        cfg = imagenet_tvm(256, 2.0, scaled=True)
         cfg.data = DataConfig(name="fashion-mnist")
         cfg.train.batch_per_gpu = 16   # fits 80 GB with the explicit JVP attention (32 does not)
     else:

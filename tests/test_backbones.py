@@ -157,6 +157,30 @@ def test_spectral_init(time_init):
     assert all(b.attn.q_norm.weight.eq(1).all() and b.attn.k_norm.weight.eq(1).all() for b in model.blocks)
 
 
+def test_released_tvm_init_leaves_the_patch_embedding_unnormalised():
+    """The released TVM code (training/dit.py) divides a rebound ``.data`` alias of the patch weight, so the
+    parameter keeps xavier-normal (σ_max ≈ 1.45-1.55 for DiT-S on 1-channel 32² inputs), and its time/gap/guidance
+    MLPs are N(0, 0.02); every other Linear is spectral as in ``init='spectral'``."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(dit_s(), init="spectral-released", time_init="normal", gap_embedder=True,
+                              guidance_embedder=True)
+    model, written = DiT(cfg, 1, 32, 10), DiT(dataclasses.replace(cfg, init="spectral"), 1, 32, 10)
+    patch = model.x_embedder.weight.reshape(384, -1)                        # (D, C·p²) = (384, 4)
+    assert patch.std().item() == pytest.approx((2 / (384 + 4)) ** 0.5, rel=0.05)      # xavier-normal
+    assert 1.35 < sigma_max(patch) < 1.7 and sigma_max(written.x_embedder.weight) == pytest.approx(1.0, abs=1e-4)
+    timed = {id(m) for e in model.time_embedders() for m in e.mlp if isinstance(m, nn.Linear)}
+    assert len(timed) == 6
+    zero = {id(b.adaLN_modulation.linear) for b in model.blocks}
+    zero |= {id(model.final_layer.adaLN_modulation.linear), id(model.final_layer.linear)}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and id(m) in timed:
+            assert m.weight.std().item() == pytest.approx(0.02, rel=0.05) and not m.bias.any(), name
+        elif isinstance(m, nn.Linear) and id(m) not in zero:
+            assert sigma_max(m.weight) == pytest.approx(1.0, abs=1e-4) and not m.bias.any(), name
+    with pytest.raises(ValueError, match="time_specinit never reaches the model"):
+        dataclasses.replace(cfg, time_init="spectral")
+
+
 def test_xavier_init_is_the_original_dit():
     model = DiT(debug(), 3, 8, 10)
     qkv = model.blocks[0].attn.qkv.weight                       # (3D, D): bound √(6 / (D + 3D))

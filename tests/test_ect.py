@@ -199,24 +199,42 @@ def test_target_pass_replays_the_grad_pass_randomness():
 
 def test_default_schedule_is_edm_sigma_converted():
     obj = ect()
-    assert obj.default_schedule(1) == [80 / 81, 0.0]
-    assert obj.default_schedule(2) == pytest.approx([80 / 81, 0.821 / 1.821, 0.0], abs=1e-15)
+    assert obj.default_schedule(1) == [1.0, 0.0]
+    assert obj.default_schedule(2) == pytest.approx([1.0, 0.821 / 1.821, 0.0], abs=1e-15)
     assert ect(sigma_mid=1.526).default_schedule(2)[1] == pytest.approx(1.526 / 2.526)
     three = [sigma_from_t(torch.tensor(t, dtype=torch.float64)) for t in obj.default_schedule(3)[1:-1]]
     assert float(three[0]) == pytest.approx(math.sqrt(80 * 0.821)) and float(three[1]) == pytest.approx(0.821)
-    with pytest.raises(ValueError, match="t_max"):
-        obj.step(torch.zeros(2, 1, 4, 4), torch.ones(2), torch.zeros(2), Condition())
+    with pytest.raises(ValueError, match="must lie in"):
+        obj.step(torch.zeros(2, 1, 4, 4), torch.full((2,), 1.5), torch.zeros(2), Condition())
+
+
+def test_first_jump_starts_exactly_at_sigma_max():
+    """ECT's sampler evaluates f(σ_max·z, σ_max) (official ``generator_fn``), not f(z/(1 − t_max)) = f(81·z)."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, s=None, y=None):
+            seen.append((x, t))
+            return torch.zeros_like(x)
+
+    obj = ECT(Spy(), ECTConfig(), num_classes=3).double()
+    z = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    x0 = obj.step(z, torch.ones(4), torch.zeros(4), Condition(y=torch.zeros(4, dtype=torch.long)))
+    c_skip, _, c_in = cm_preconditioning(torch.full((4,), 80.0, dtype=torch.float64))
+    assert torch.allclose(seen[0][0], 80.0 * z * c_in.view(-1, 1, 1, 1), rtol=1e-12)   # input c_in·σ_max·z
+    assert torch.allclose(seen[0][1], torch.full((4,), 80 / 81, dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(x0, c_skip.view(-1, 1, 1, 1) * 80.0 * z, rtol=1e-12)       # F = 0: c_skip·x_σ
 
 
 # -- sampling -------------------------------------------------------------------------------------------
 def test_one_and_two_step_oracle_samples_have_the_closed_form_moments():
     obj = ect()
     means = obj.backbone.means
-    a1, big = float(a_of(80.0, STD)), 81.0              # x_σ = ε/(1 − t_max) = 81·ε (data part dropped)
+    a1, big = float(a_of(80.0, STD)), 80.0              # x_σ = σ_max·ε (ECT's start; data part dropped)
     one = sample(obj, list(range(4000)), nfe=1, batch_size=1000)
     z = (one.images.double() - (1 - a1) * means[one.labels]) / (a1 * big)
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
-    resid = one.images.double() - means[one.labels]     # ≈ data: N(μ, s²) up to the 81/80 noise scale
+    resid = one.images.double() - means[one.labels]     # ≈ data: N(μ, s²) (the data part of x_σ is dropped)
     assert abs(float(resid.std()) / STD - 1) < 0.02
     two = sample(obj, list(range(4000)), nfe=2, batch_size=1000)
     a2 = float(a_of(0.821, STD))

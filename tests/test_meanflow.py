@@ -244,6 +244,25 @@ def test_label_dropout_null_labels_and_guided_targets():
     assert float((tm.v_tilde[on] - tm.v[on]).abs().mean()) > 0.1
 
 
+def test_released_label_dropout_drops_the_first_samples_all_with_r_equal_t():
+    """``label_dropout_samples='first'`` (the official JAX ``cond_drop``): the mask's count k, then the first k
+    samples; the same draws as ``mask``, so the count matches and only which samples differ."""
+    means = means_table()
+    x, y = gaussian_batch(means, SIGMA, 4000)
+    paper = meanflow(means, label_dropout=0.2).terms(x, y, gen(3))
+    released = meanflow(means, label_dropout=0.2, label_dropout_samples="first").terms(x, y, gen(3))
+    k = int(paper.dropped.sum())
+    assert 600 < k < 1000 and int(released.dropped.sum()) == k
+    assert bool(released.dropped[:k].all()) and not bool(released.dropped[k:].any())
+    assert bool((released.t[:k] == released.r[:k]).all())          # all in the r = t (flow-matching) branch
+    assert bool((paper.t[paper.dropped] != paper.r[paper.dropped]).any())   # the mask reaches r < t samples
+    assert bool((released.y[:k] == K).all()) and torch.equal(released.y[k:], y[k:])
+    assert torch.equal(released.v_tilde[:k], released.v[:k])          # dropped samples get the unguided v
+    assert torch.equal(released.t, paper.t) and torch.equal(released.z_t, paper.z_t)
+    with pytest.raises(ValueError, match="label_dropout_samples"):
+        MeanFlowConfig(label_dropout_samples="last")
+
+
 @pytest.mark.parametrize("omega,kappa,flops", [(1.0, 0.5, 6.0), (1.0, 0.0, 4.0), (3.0, 0.0, 5.0)])
 def test_tiny_dit_trains_and_samples(omega, kappa, flops):
     obj = MeanFlow(tiny_dit(), MeanFlowConfig(omega=omega, kappa=kappa), num_classes=3, ema_betas={"ema": 0.99})

@@ -108,11 +108,14 @@ class LatentDecoder:
         device: where to decode (default: CUDA when present).
         dtype: decoder dtype (default fp16 on CUDA, as the official code; fp32 on the CPU).
         batch_size: latents per decoder call.
+        rounding: how decoder outputs become uint8 (:func:`fewstep.images.to_uint8`; ``truncate`` as the
+            official TVM/EDM2 code; an evaluation protocol may choose another, docs/protocols.md).
     """
 
     def __init__(self, fmt: LatentFormat, *, vae: Any = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, batch_size: int = 32):
+                 dtype: torch.dtype | None = None, batch_size: int = 32, rounding: str = "truncate"):
         self.fmt = fmt
+        self.rounding = rounding
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.batch_size = batch_size
@@ -127,12 +130,12 @@ class LatentDecoder:
         return self._vae
 
     def __call__(self, x: Tensor) -> Tensor:
-        """x (N, C, h, w) normalised latents → (N, 3, R, R) uint8 (truncated, ``docs/design/tvm.md`` §4)."""
+        """x (N, C, h, w) normalised latents → (N, 3, R, R) uint8 (``rounding``; truncated by default, ``docs/design/tvm.md`` §4)."""
         want = tuple(self.fmt.latent_shape)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"latents must be (N, {', '.join(map(str, want))}), got {tuple(x.shape)}")
         out = []
         for chunk in x.split(self.batch_size):
             z = self.fmt.denormalize(chunk.to(self.device, torch.float32))
-            out.append(to_uint8(decode_raw(self.vae, z), rounding="truncate"))
+            out.append(to_uint8(decode_raw(self.vae, z), rounding=self.rounding))
         return torch.cat(out) if out else torch.zeros((0, 3, self.fmt.resolution, self.fmt.resolution), dtype=torch.uint8)

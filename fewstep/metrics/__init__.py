@@ -13,3 +13,4 @@ __all__ = ["CleanResize", "FeatureExtractor", "FeatureStats", "InceptionExtracto
            "RandomProjection", "frechet_distance", "locate_inception", "make_extractor", "pil_bicubic_weights",
            "random_directions", "sliced_wasserstein", "trace_sqrt_product"]
 from fewstep.metrics import classifier  # noqa: F401,E402  (registers fmnist-classifier)
+from fewstep.metrics import dinov2  # noqa: F401,E402  (registers dinov2)

@@ -137,6 +137,15 @@ class FashionClassifierExtractor(FeatureExtractor):
         with torch.autocast(self.device.type, enabled=False):
             return self.net.features(x.float())
 
+    has_probabilities = True
+
+    def embed_with_probabilities(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, 1, 32, 32) in [−1, 1] → (N, 128) features and (N, 10) softmax class probabilities (the
+        classifier's own head on the same features; dropout is off in eval mode)."""
+        with torch.autocast(self.device.type, enabled=False):
+            features = self.net.features(x.float())
+            return features, torch.softmax(self.net.head(features), dim=1)
+
     def metadata(self) -> dict:
         return {"extractor": self.name, "weights_sha256": self.sha256, "resize": "none",
                 "input_size": INPUT_SIZE, "feature_dim": self.feature_dim}

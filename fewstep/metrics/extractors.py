@@ -3,14 +3,16 @@
 Registered in :data:`fewstep.registry.extractors` (``fewstep list extractors``):
 
 * ``inception``: the standard FID network (TF ``inception-2015-12-05`` as TorchScript, located and
-  SHA-256-checked by :mod:`fewstep.metrics.inception`) behind clean-fid's ``clean`` preprocessing:
-  grey → RGB, resize to 299×299 with PIL's bicubic filter on float pixels in [0, 255] (per channel,
-  clipped to [0, 255]), then ``x/128 − 1``; 2048-d pool features.
+  SHA-256-checked by :mod:`fewstep.metrics.inception`): grey → RGB, resize to 299×299, then
+  ``(x − 128)/128``; 2048-d pool features. The resize is clean-fid's ``clean`` (PIL's bicubic filter on
+  float pixels in [0, 255], per channel, clipped) or ``tf1-bilinear`` (TensorFlow 1's ``resize_bilinear``
+  as ADM's evaluator and NVIDIA's Inception translation do it); see :mod:`fewstep.metrics.protocols`.
 * ``random-projection``: a fixed Gaussian projection of the pixels (tests and CPU pipelines).
 
 A plugin registers a callable ``(device=..., **options) -> FeatureExtractor`` under a new name (entry-point
-group ``fewstep.extractors``), e.g. FD-DINOv2. Its :meth:`FeatureExtractor.metadata` identifies it in
-reference statistics, so FIDs from different extractors are never compared.
+group ``fewstep.extractors``), as the in-tree ``dinov2`` (:mod:`fewstep.metrics.dinov2`) is registered. Its
+:meth:`FeatureExtractor.metadata` identifies it in reference statistics, so FIDs from different extractors
+are never compared. Extractors with class probabilities (``has_probabilities``) also give the Inception Score.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class FeatureExtractor(nn.Module):
 
     name: str = "?"
     feature_dim: int = 0
+    #: Whether :meth:`embed_with_probabilities` gives class probabilities (for the Inception Score).
+    has_probabilities: bool = False
 
     def preprocess(self, images: Tensor) -> Tensor:
         raise NotImplementedError
@@ -41,11 +45,19 @@ class FeatureExtractor(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
+    def embed_with_probabilities(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Features (N, D) and class probabilities (N, K) from one pass, or ``None`` for the second where the
+        network has no classifier output (the default)."""
+        return self.embed(x), None
+
+    def _check(self, images: Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"extractor {self.name!r} needs (N, 1|3, H, W) uint8 images, "
                              f"got {tuple(images.shape)} {images.dtype}")
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        self._check(images)
         return self.embed(self.preprocess(images))
 
     @property
@@ -53,6 +65,12 @@ class FeatureExtractor(nn.Module):
         """What a Fréchet distance in these features is called: ``FID`` only for the FID Inception network,
         ``FD (<extractor>)`` for every other extractor."""
         return "FID" if self.name == "inception" else f"FD ({self.name})"
+
+    @torch.no_grad()
+    def extract(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """uint8 images → (features, class probabilities or ``None``)."""
+        self._check(images)
+        return self.embed_with_probabilities(self.preprocess(images))
 
     def metadata(self) -> dict:
         """Identity recorded next to statistics: ``extractor``, ``weights_sha256``, ``resize``, ``input_size``."""
@@ -119,6 +137,45 @@ class CleanResize(nn.Module):
         return x.clamp(0, 255)
 
 
+def tf1_bilinear_weights(in_size: int, out_size: int) -> Tensor:
+    """(out_size, in_size) float64 matrix of TF1's ``tf.image.resize_bilinear`` (``align_corners=False``,
+    ``half_pixel_centers=False``) along one axis: output pixel j samples input coordinate j·in/out (no
+    half-pixel offset), linearly between ⌊·⌋ and ⌊·⌋ + 1, the upper index clamped to the last pixel; no
+    antialiasing when shrinking. This is the resize inside ADM's TF Inception graph, which NVIDIA's
+    Inception translation emulates with ``grid_sample`` (border padding)."""
+    scale = in_size / out_size
+    w = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for j in range(out_size):
+        src = j * scale
+        lo = min(int(src), in_size - 1)
+        hi = min(lo + 1, in_size - 1)
+        frac = src - lo
+        w[j, lo] += 1 - frac
+        w[j, hi] += frac
+    return w
+
+
+class TF1BilinearResize(CleanResize):
+    """float (N, C, H, W) in [0, 255] → float32 (N, C, size, size): TF1 ``resize_bilinear`` (no half-pixel
+    centres) as two matrix products accumulated in float64 (:func:`tf1_bilinear_weights`). Bilinear
+    weights are convex, so the output stays in [0, 255] without clipping."""
+
+    def _w(self, n: int, device: torch.device) -> Tensor:
+        key = (n, str(device))
+        if key not in self._weights:
+            self._weights[key] = tf1_bilinear_weights(n, self.size).to(device)
+        return self._weights[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        x = x.to(torch.float64)
+        if w != self.size:
+            x = x @ self._w(w, x.device).T
+        if h != self.size:
+            x = self._w(h, x.device) @ x
+        return x.float()
+
+
 def cleanfid_resize(x: Tensor, size: int = 299) -> Tensor:
     """The same resize through ``cleanfid.resize`` itself, one image at a time on the CPU (the reference
     path; needs ``clean-fid``, whose ``resize`` module imports without torchvision)."""
@@ -153,15 +210,15 @@ class InceptionExtractor(FeatureExtractor):
         super().__init__()
         from fewstep.metrics.inception import locate_inception
 
-        if resize not in ("clean", "cleanfid"):
-            raise ValueError(f"resize must be 'clean' or 'cleanfid', got {resize!r}")
+        if resize not in ("clean", "cleanfid", "tf1-bilinear"):
+            raise ValueError(f"resize must be 'clean', 'cleanfid' or 'tf1-bilinear', got {resize!r}")
         self.path, self.sha256 = locate_inception(path)
         with warnings.catch_warnings():   # torch.jit.load is deprecated in torch ≥ 2.13; still the format shipped
             warnings.simplefilter("ignore", DeprecationWarning)
             self.net = torch.jit.load(str(self.path), map_location=device).eval()
         self.device = torch.device(device)
         self.resize_impl = resize
-        self.resizer = CleanResize(self.input_size)
+        self.resizer = TF1BilinearResize(self.input_size) if resize == "tf1-bilinear" else CleanResize(self.input_size)
 
     def preprocess(self, images: Tensor) -> Tensor:
         x = images.to(self.device)
@@ -176,7 +233,8 @@ class InceptionExtractor(FeatureExtractor):
         return self.net((x.to(self.device, torch.float32) - 128) / 128)
 
     def metadata(self) -> dict:
-        return {"extractor": self.name, "weights_sha256": self.sha256, "resize": "clean",
+        return {"extractor": self.name, "weights_sha256": self.sha256,
+                "resize": "tf1-bilinear" if self.resize_impl == "tf1-bilinear" else "clean",
                 "input_size": self.input_size, "feature_dim": self.feature_dim}
 
 

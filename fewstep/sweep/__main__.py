@@ -1,5 +1,5 @@
-"""``python -m fewstep.sweep SWEEP_DIR MEMBER [--eval-batch N]``: run one member of a prepared sweep
-(:func:`fewstep.sweep.worker.main`; the sweep starts its subprocesses this way)."""
+"""``python -m fewstep.sweep SWEEP_DIR MEMBER --seed K [--eval-batch N]``: run one unit (member, training seed)
+of a prepared sweep (:func:`fewstep.sweep.worker.main`; the sweep starts its subprocesses this way)."""
 import sys
 
 from fewstep.sweep.worker import main

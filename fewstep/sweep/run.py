@@ -1,13 +1,13 @@
 """Running a sweep: check the spec against the sweep directory, make the reference statistics once, bring
-every unfinished member to finished (one after another, or side by side as subprocesses), then write
-the report.
+every unfinished unit (member × training seed; all members of the first seed first) to finished (one
+after another, or side by side as subprocesses), then write the report.
 
-Members run in this process only when they run one at a time on a CPU. Anywhere else each member is a
-subprocess (``python -m fewstep.sweep``, output in ``MEMBER/worker.log``): a process keeps one
-Accelerate state, and on a GPU it fixes the mixed precision of the first run for all later ones. With
-``parallel`` K, K members share the visible device(s); with ``gpus``, members are dealt to those GPUs
-(``CUDA_VISIBLE_DEVICES``), ``parallel`` per GPU. SIGTERM/SIGINT stop the sweep: running members get
-one SIGTERM, save a checkpoint and exit; rerunning the same command resumes them.
+Units run in this process only when they run one at a time on a CPU. Anywhere else each unit is a
+subprocess (``python -m fewstep.sweep SWEEP MEMBER --seed K``, output in ``MEMBER/seed-K/worker.log``): a
+process keeps one Accelerate state, and on a GPU it fixes the mixed precision of the first run for all
+later ones. With ``parallel`` P, P units share the visible device(s); with ``gpus``, units are dealt to
+those GPUs (``CUDA_VISIBLE_DEVICES``), ``parallel`` per GPU. SIGTERM/SIGINT stop the sweep: running units
+get one SIGTERM, save a checkpoint and exit; rerunning the same command resumes them.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from fewstep.config import ConfigError
 from fewstep.files import describe_os_error, write_atomic
 from fewstep.sweep.report import write_report
 from fewstep.sweep.spec import POINTS_METRIC, SweepError, SweepSpec, check_saved, member_config, resolve_metric
-from fewstep.sweep.worker import member_state, reference_path, run_member
+from fewstep.sweep.worker import reference_path, run_unit, unit_dir, unit_label, unit_state
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ class SweepResult:
 
     Attributes:
         sweep_dir: the sweep directory.
-        skipped: members already finished before this invocation (no training, no evaluation).
-        ran: members brought to finished now.
-        failed: member → error message (its ``worker.log`` or the exception).
+        skipped: units (``member/seed-K``) already finished before this invocation (no training, no evaluation).
+        ran: units brought to finished now.
+        failed: unit → error message (its ``worker.log`` or the exception).
         stopped: the signal that stopped the sweep, or ``None``.
         files: the report files written.
     """
@@ -58,33 +58,47 @@ class SweepResult:
 
 
 def prepare(spec: SweepSpec, sweep_dir: Path) -> SweepSpec:
-    """Check every member's config (before any compute), resolve ``metric``, and save or compare ``sweep.json``
-    (a changed budget is saved and logged: members then train on)."""
+    """Check every member's config (before any compute), resolve ``metrics``, and save or compare ``sweep.json``
+    (a changed budget value or seed list is saved and logged: units then train on, or start)."""
     from fewstep.data import load_dataset
 
-    configs = [member_config(spec, m, sweep_dir) for m in spec.members]
+    configs = [member_config(spec, m, seed, sweep_dir) for m in spec.members for seed in spec.seeds]
     data = {(c.data.name, c.data.root, c.data.resolution) for c in configs}
     if len(data) > 1:
         raise SweepError(f"members train on different data {sorted(map(str, data))}; a sweep compares on one dataset")
     kind = load_dataset(configs[0].data).spec.kind
-    spec = dataclasses.replace(spec, metric=resolve_metric(spec, configs[0], kind))
+    spec = dataclasses.replace(spec, metrics=resolve_metric(spec, configs[0], kind))
+    if spec.eval_every_kimg is not None:      # the curves need matplotlib: say so before any compute
+        from fewstep.plots import figure
+
+        figure(1, 1)
     for change in check_saved(sweep_dir, spec):
-        log.info(f"budget changed ({change}): members train on from their checkpoints and are evaluated again")
+        log.info(f"spec changed ({change}): units train on from their checkpoints (or start) and are evaluated again")
     return spec
 
 
-def ensure_reference(spec: SweepSpec, sweep_dir: Path) -> None:
-    """Make ``reference-<metric>.npz`` from the training split once (image metrics without ``spec.ref``)."""
-    path = reference_path(sweep_dir, spec)
-    if spec.metric == POINTS_METRIC or path.is_file():
-        return
-    if spec.ref:
-        raise FileNotFoundError(f"reference statistics {path} not found")
-    from fewstep.eval import make_reference
+def units(spec: SweepSpec) -> list[tuple[str, int]]:
+    """(member, seed) of every unit: all members of the first seed, then of the next seed, …"""
+    return [(m.name, seed) for seed in spec.seeds for m in spec.members]
 
+
+def ensure_reference(spec: SweepSpec, sweep_dir: Path) -> None:
+    """Make ``reference-<metric>[-<protocol>].npz`` from the training split once per image metric (without
+    ``spec.ref``)."""
+    if spec.metrics == (POINTS_METRIC,):
+        return
     data = member_config(spec, spec.members[0]).data
-    log.info(f"reference statistics: {spec.metric} features of {data.name} ({data.split}) → {path.name}")
-    make_reference(data, path, extractor=spec.metric, num=spec.ref_num, show_progress=False)
+    for metric in spec.metrics:
+        path = reference_path(sweep_dir, spec, metric)
+        if path.is_file():
+            continue
+        if spec.ref:
+            raise FileNotFoundError(f"reference statistics {path} not found")
+        from fewstep.eval import make_reference
+
+        log.info(f"reference statistics: {metric} features of {data.name} ({data.split}, {spec.protocol} protocol) "
+            f"→ {path.name}")
+        make_reference(data, path, extractor=metric, num=spec.ref_num, protocol=spec.protocol, show_progress=False)
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus: Sequence[str] | None = None,
@@ -92,22 +106,24 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
     """Run (or resume) a sweep in ``sweep_dir`` and write its report.
 
     Args:
-        spec: the sweep; ``metric="auto"`` is resolved and the result saved as ``sweep.json``.
-        parallel: members at a time (per GPU when ``gpus`` is given).
-        gpus: CUDA device ids to deal members to, one member per GPU at a time (× ``parallel``).
+        spec: the sweep; ``metrics`` with ``auto`` are resolved and the result saved as ``sweep.json``.
+        parallel: units at a time (per GPU when ``gpus`` is given).
+        gpus: CUDA device ids to deal units to, one unit per GPU at a time (× ``parallel``).
         eval_batch: images per sampler/extractor call (does not change the images).
     """
     sweep_dir = Path(sweep_dir)
     if parallel < 1:
         raise SweepError(f"--parallel must be ≥ 1, got {parallel}")
     spec = prepare(spec, sweep_dir)
-    if not gpus and not torch.cuda.is_available():   # GPU recipes on a CPU: refused before any member starts
+    if not gpus and not torch.cuda.is_available():   # GPU recipes on a CPU: refused before any unit starts
         check_members_memory(spec, parallel)
     result = SweepResult(sweep_dir)
     todo = []
-    for member in spec.members:
-        state = member_state(sweep_dir, spec, member, member_config(spec, member, sweep_dir))
-        (result.skipped if state.finished else todo).append(member.name)
+    for name, seed in units(spec):
+        member = spec.member(name)
+        state = unit_state(sweep_dir, spec, member, seed, member_config(spec, member, seed, sweep_dir))
+        (result.skipped if state.finished else todo).append((name, seed))
+    result.skipped = [unit_label(n, s) for n, s in result.skipped]
     if result.skipped:
         log.info(f"finished already, skipped: {', '.join(result.skipped)}")
     if todo:
@@ -121,7 +137,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, parallel: int = 1, gpus
         result.files = write_report(sweep_dir, spec, failed=result.failed)
     except OSError as exc:
         raise SweepError(f"could not write the sweep's report in {sweep_dir}: {describe_os_error(exc)}. Every finished "
-                         f"member's checkpoint and scores are saved; free space, then rerun the same command: it only "
+                         f"unit's checkpoint and scores are saved; free space, then rerun the same command: it only "
                          f"writes the report") from exc
     return result
 
@@ -142,6 +158,17 @@ def check_members_memory(spec: SweepSpec, parallel: int) -> None:
             raise SweepError(f"member {member.name}: {exc}") from exc
 
 
+def _source_failed(spec: SweepSpec, name: str, seed: int, result: SweepResult) -> bool:
+    """Whether the unit a member initialises from (same seed) failed: then this unit is not started."""
+    source = spec.member(name).init_from
+    if source and unit_label(source, seed) in result.failed:
+        result.failed[unit_label(name, seed)] = (f"not started: the member it initialises from, {source!r}, "
+                                                 f"failed")
+        log.info(f"{unit_label(name, seed)}: {result.failed[unit_label(name, seed)]}")
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def _signals(on_signal: Callable[[str], None]):
     """SIGTERM/SIGINT call ``on_signal(name)`` while active (main thread only)."""
@@ -157,70 +184,72 @@ def _signals(on_signal: Callable[[str], None]):
             signal.signal(s, handler)
 
 
-def _run_here(spec: SweepSpec, sweep_dir: Path, todo: list[str], result: SweepResult, eval_batch: int | None) -> None:
-    """Members one after another in this process (training installs its own stop handlers)."""
+def _run_here(spec: SweepSpec, sweep_dir: Path, todo: list[tuple[str, int]], result: SweepResult,
+              eval_batch: int | None) -> None:
+    """Units one after another in this process (training installs its own stop handlers)."""
     stop: list[str] = []
     with _signals(stop.append):
-        for name in todo:
+        for name, seed in todo:
             if stop:
                 break
-            source = spec.member(name).init_from
-            if source in result.failed:
-                result.failed[name] = f"not started: the member it initialises from, {source!r}, failed"
-                log.info(f"{name}: {result.failed[name]}")
+            if _source_failed(spec, name, seed, result):
                 continue
-            log.info(f"{name}: starting")
+            label = unit_label(name, seed)
+            log.info(f"{label}: starting")
             t0 = time.time()
             try:
-                outcome = run_member(sweep_dir, spec, name, eval_batch=eval_batch)
-            except Exception as exc:   # one member's failure (e.g. divergence) is a result, not the end
+                outcome = run_unit(sweep_dir, spec, name, seed, eval_batch=eval_batch)
+            except Exception as exc:   # one unit's failure (e.g. divergence) is a result, not the end
                 try:
-                    write_atomic(sweep_dir / name / "worker.log", traceback.format_exc())
+                    write_atomic(unit_dir(sweep_dir, spec.member(name), seed) / "worker.log", traceback.format_exc())
                 except OSError:   # a full disk: the message below still says what failed
                     pass
-                result.failed[name] = f"{type(exc).__name__}: {exc}"
-                log.info(f"{name}: failed: {result.failed[name]}")
+                result.failed[label] = f"{type(exc).__name__}: {exc}"
+                log.info(f"{label}: failed: {result.failed[label]}")
                 continue
             if outcome != "finished":
                 stop.append(outcome)
                 break
-            result.ran.append(name)
-            log.info(f"{name}: finished in {time.time() - t0:.0f} s")
+            result.ran.append(label)
+            log.info(f"{label}: finished in {time.time() - t0:.0f} s")
     result.stopped = stop[0] if stop else None
 
 
-def _launch(sweep_dir: Path, name: str, gpu: str | None, threads: int, eval_batch: int | None) -> subprocess.Popen:
-    """Start ``python -m fewstep.sweep SWEEP_DIR NAME`` in its own session (signals reach it only from the
-    sweep), output appended to ``NAME/worker.log``."""
+def _launch(sweep_dir: Path, spec: SweepSpec, name: str, seed: int, gpu: str | None, threads: int,
+            eval_batch: int | None) -> subprocess.Popen:
+    """Start ``python -m fewstep.sweep SWEEP_DIR NAME --seed SEED`` in its own session (signals reach it only
+    from the sweep), output appended to ``NAME/seed-SEED/worker.log``."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))   # K processes × all cores of OpenMP threads would thrash
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    (sweep_dir / name).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "fewstep.sweep", str(sweep_dir), name]
+    where = unit_dir(sweep_dir, spec.member(name), seed)
+    where.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "fewstep.sweep", str(sweep_dir), name, "--seed", str(seed)]
     cmd += ["--eval-batch", str(eval_batch)] if eval_batch else []
-    with open(sweep_dir / name / "worker.log", "ab") as out:
+    with open(where / "worker.log", "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _progress_line(sweep_dir: Path, names: list[str]) -> str:
-    """``name kimg`` of each running member, from the last status record of its log."""
+def _progress_line(sweep_dir: Path, spec: SweepSpec, running: list[tuple[str, int]]) -> str:
+    """``member/seed-K kimg`` of each running unit, from the last status record of its log."""
     from fewstep.train.status import status_records
 
     parts = []
-    for name in names:
-        records = status_records(sweep_dir / name)
-        parts.append(f"{name} {records[-1]['kimg']:.1f} kimg" if records else f"{name} starting")
+    for name, seed in running:
+        records = status_records(unit_dir(sweep_dir, spec.member(name), seed))
+        label = unit_label(name, seed)
+        parts.append(f"{label} {records[-1]['kimg']:.1f} kimg" if records else f"{label} starting")
     return "progress: " + ", ".join(parts)
 
 
-def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[str], slots: list[str | None],
-                      result: SweepResult, eval_batch: int | None,
-                      progress_every: float = 60.0) -> None:
-    """Members as subprocesses, ``len(slots)`` at a time; each slot pins its GPU, if any. The first
-    SIGTERM/SIGINT is passed on once to every running member (they checkpoint and exit); a second one
-    kills them."""
-    queue, running = list(todo), {}   # running: slot index → (name, Popen, start time)
+def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[tuple[str, int]], slots: list[str | None],
+                      result: SweepResult, eval_batch: int | None, progress_every: float = 60.0) -> None:
+    """Units as subprocesses, ``len(slots)`` at a time; each slot pins its GPU, if any. The first
+    SIGTERM/SIGINT is passed on once to every running unit (they checkpoint and exit); a second one
+    kills them. A unit that initialises from another member's unit (same seed) starts after it finished,
+    and not at all when it failed."""
+    queue, running = list(todo), {}   # running: slot index → ((name, seed), Popen, start time)
     stop: list[str] = []
     signalled = 0
     stop_codes = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
@@ -233,36 +262,36 @@ def _run_subprocesses(spec: SweepSpec, sweep_dir: Path, todo: list[str], slots: 
                     for _, proc, _ in running.values():
                         proc.send_signal(signal.SIGTERM if signalled == 0 else signal.SIGKILL)
                     signalled = len(stop)
-                for name in [n for n in queue if spec.member(n).init_from in result.failed]:
-                    queue.remove(name)
-                    result.failed[name] = f"not started: the member it initialises from, {spec.member(name).init_from!r}, failed"
-                    log.info(f"{name}: {result.failed[name]}")
-                busy = {n for n, _, _ in running.values()} | set(queue)
-                ready = [n for n in queue if spec.member(n).init_from not in busy]   # sources finished first
+                queue = [(n, k) for n, k in queue if not _source_failed(spec, n, k, result)]
+                busy = {unit for unit, _, _ in running.values()} | set(queue)
+                ready = [(n, k) for n, k in queue if (spec.member(n).init_from, k) not in busy]   # sources first
                 for slot in range(len(slots)):
                     if slot in running or not ready or stop:
                         continue
-                    name = ready.pop(0)
-                    queue.remove(name)
-                    proc = _launch(sweep_dir, name, slots[slot], threads, eval_batch)
-                    running[slot] = (name, proc, time.time())
+                    name, seed = ready.pop(0)
+                    queue.remove((name, seed))
+                    proc = _launch(sweep_dir, spec, name, seed, slots[slot], threads, eval_batch)
+                    running[slot] = ((name, seed), proc, time.time())
                     where = f" on GPU {slots[slot]}" if slots[slot] is not None else ""
-                    log.info(f"{name}: started{where} (pid {proc.pid}, log {sweep_dir / name / 'worker.log'})")
-                for slot, (name, proc, t0) in list(running.items()):
+                    log_file = unit_dir(sweep_dir, spec.member(name), seed) / "worker.log"
+                    log.info(f"{unit_label(name, seed)}: started{where} (pid {proc.pid}, log {log_file})")
+                for slot, ((name, seed), proc, t0) in list(running.items()):
                     code = proc.poll()
                     if code is None:
                         continue
                     del running[slot]
+                    label = unit_label(name, seed)
                     if code == 0:
-                        result.ran.append(name)
-                        log.info(f"{name}: finished in {time.time() - t0:.0f} s")
+                        result.ran.append(label)
+                        log.info(f"{label}: finished in {time.time() - t0:.0f} s")
                     elif code in stop_codes and (stop or code > 0):
-                        log.info(f"{name}: stopped with a checkpoint; rerun to resume")
+                        log.info(f"{label}: stopped with a checkpoint; rerun to resume")
                     else:
-                        result.failed[name] = f"exit code {code}; see {sweep_dir / name / 'worker.log'}"
-                        log.info(f"{name}: failed ({result.failed[name]})")
+                        log_file = unit_dir(sweep_dir, spec.member(name), seed) / "worker.log"
+                        result.failed[label] = f"exit code {code}; see {log_file}"
+                        log.info(f"{label}: failed ({result.failed[label]})")
                 if running and time.time() >= next_progress:
-                    log.info(_progress_line(sweep_dir, [name for name, _, _ in running.values()]))
+                    log.info(_progress_line(sweep_dir, spec, [unit for unit, _, _ in running.values()]))
                     next_progress = time.time() + progress_every
                 time.sleep(0.2)
         finally:   # the sweep itself failed: leave no member running

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from fewstep.backbones.inputs import trusted_labels
-from fewstep.build import build_objective, build_optimizer, init_from_run, resolve, write_run_config
+from fewstep.build import build_objective, build_optimizer, init_from_run, resolve, training_flops_per_image, write_run_config
 from fewstep.compiling import compile_objective, set_activation_checkpointing
 from fewstep.config import RunConfig, TrainConfig, to_dict
 from fewstep.data import load_dataset
@@ -153,8 +153,7 @@ def _train(cfg: RunConfig, run_dir: Path, accelerator: Accelerator, layout: Layo
     if initialised:
         status.event({"event": "init_from", "source": initialised}, f"initialised from the {initialised}",
                      logging.INFO)
-    forward_flops = getattr(objective.backbone, "forward_flops", None)
-    meter = StatusMeter(accelerator, state.nimg, objective.flops_per_sample(forward_flops(1)) if forward_flops else None)
+    meter = StatusMeter(accelerator, state.nimg, training_flops_per_image(objective))
     status_at, grids_at, save_at = (Every(k, state.nimg) for k in (t.status_kimg, t.sample_kimg, t.checkpoint_kimg))
     clock = TrainClock(state.train_seconds, t.max_minutes)
     guard = BadSteps(limit=t.max_bad_steps)
