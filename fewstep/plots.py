@@ -32,12 +32,15 @@ log = logging.getLogger(__name__)
 PLOTS_EXTRA = "pip install 'fewstep[plots]'"
 DPI = 100
 
+
 class PlotsUnavailable(ImportError):
     """matplotlib is not installed."""
+
 
 def figure(width_px: float, height_px: float) -> Any:
     """An Agg-backed matplotlib Figure of the given size in pixels."""
     try:
+        import matplotlib  # noqa: F401  (the package itself: its submodules may be cached without it)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
@@ -46,6 +49,7 @@ def figure(width_px: float, height_px: float) -> Any:
     fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
+
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     """Write ``fig`` as a PNG at its own size and DPI, atomically."""

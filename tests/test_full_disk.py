@@ -114,4 +114,4 @@ def test_a_sweep_report_on_a_full_disk_is_one_error_and_a_rerun_writes_it(disk, 
     (disk / FILLER).unlink()
     monkeypatch.undo()
     again = run_sweep(spec, disk / "sweep")
-    assert again.skipped == ["fm"] and (disk / "sweep" / "results.md").is_file()
+    assert again.skipped == ["fm/seed-0"] and (disk / "sweep" / "results.md").is_file()

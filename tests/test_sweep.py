@@ -16,9 +16,9 @@ import types
 import pytest
 
 import fewstep.train
+from imagefiles import find_block, read_rgb
 from logcapture import captured
 
-from fewstep.images import read_png
 from fewstep.sweep import Member, SweepError, SweepSpec, member_config, parse_objectives, run_sweep, spec_from_dict
 from fewstep.sweep.report import Row, collect, markdown, progress_key, summarize_members, write_csv
 from fewstep.sweep.run import prepare
@@ -81,8 +81,8 @@ def test_two_objectives_two_seeds_write_per_seed_rows_means_intervals_and_skip_w
     assert "| member | SW2 @1 NFE | SW2 @2 NFE | kimg | TFLOP | img/s | CPU-min | peak GiB |" in table
     assert "Budget: equal images: 2.56 kimg per member. Training seeds: 0, 1" in table
     assert "## Per seed" in table and "| fm | 1 |" in table and "Noise floor" in table and " ± " in table
-    assert read_png(out / "metric_vs_nfe.png").shape[0] == 3
-    assert read_png(out / "loss_curves.png").shape[2] > 2 * 360        # one panel per member, side by side
+    assert read_rgb(out / "metric_vs_nfe.png").shape[2] == 3
+    assert read_rgb(out / "loss_curves.png").shape[1] == 2 * 400        # one panel per member, side by side
     rows = collect(out, spec)
     fm_row, mf_row = rows[0], rows[1]                                    # MeanFlow's adaptive loss is ≈ 1:
     assert (fm_row.loss_key, mf_row.loss_key) == ("loss", "loss_u")    # its curve is the raw MSE
@@ -92,7 +92,7 @@ def test_two_objectives_two_seeds_write_per_seed_rows_means_intervals_and_skip_w
                                                                                          if "loss_u" in r])
     assert progress_key("scm", [{"loss": -1.0, "loss_unweighted": 0.2}]) == "loss_unweighted"
     assert progress_key("meanflow", [{"loss": 1.0}]) == "loss"           # an old log without the entry
-    assert read_png(out / "samples-fm.png").shape[0] == 3              # points: the scatter panels
+    assert read_rgb(out / "samples-fm.png").shape[1] == 3 * 300        # points: data, 1 and 2 steps
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/checkpoint-*/*")}
     mtimes.update({p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/eval.json")})
@@ -289,8 +289,14 @@ def test_the_cli_runs_an_image_sweep_with_the_classifier_metric(fashion_dir, tmp
     assert res.exit_code == 0, res.output
     assert "| fm |" in res.output and "FD-fmnist-classifier @2 NFE" in res.output
     assert (out / "reference-fmnist-classifier.npz").is_file()
-    grid = read_png(out / "samples-tvm.png")
-    assert grid.shape == (1, 2 * (2 * 34 + 2) + 4, 2 * 34 + 2)   # two blocks (NFE 1, 2) of 2×2 images
+    from fewstep.build import load_objective
+    from fewstep.images import make_grid, to_uint8
+    from fewstep.sample import sample
+
+    tvm, _, _ = load_objective(out / "tvm" / "seed-0")
+    blocks = make_grid([to_uint8(sample(tvm, range(4), n, weights="ema").images) for n in (1, 2)])
+    assert blocks.shape == (1, 2 * (2 * 34 + 2) + 4, 2 * 34 + 2)   # two blocks (NFE 1, 2) of 2×2 images
+    assert len(find_block(read_rgb(out / "samples-tvm.png"), blocks.expand(3, -1, -1).permute(1, 2, 0).numpy())) == 1
     body = json.loads((out / "tvm/seed-0/fid.json").read_text())
     assert body["extractor"]["extractor"] == "fmnist-classifier" and set(body["fid"]) == {"1", "2"}
     args[args.index("--num") + 1] = "64"
