@@ -792,7 +792,7 @@ def sweep(
         if dry_run:
             from fewstep.build import config_changes
 
-            configs = {m.name: to_dict(member_config(spec, m, out)) for m in spec.members}
+            configs = {m.name: to_dict(member_config(spec, m, sweep_dir=out)) for m in spec.members}
             console.print_json(json.dumps(spec_to_dict(spec)))
             first = next(iter(configs))
             for name, cfg in configs.items():

@@ -30,6 +30,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Objectives that fine-tune another member's finished run of the same seed (train.init_from).
+INIT_FROM = {"dmf": "fm"}
+
 # Released-code variants: (member name, base objective, overrides). See docs/design/tvm-init.md and
 # docs/design/meanflow-dropout.md.
 VARIANTS = [("tvm-released", "tvm", ["backbone.time_init=normal", "backbone.init=spectral-released"]),
@@ -68,7 +71,11 @@ def members(recipe: str, schedule_kimg: float | None) -> list[dict]:
     from fewstep.registry import objectives
 
     names = list(objectives.names())
-    out = [{"objective": n} for n in names]
+    # An objective that converts another's finished run starts from that member (DMF from flow matching), so
+    # it comes after it.
+    out = [{"objective": n, **({"init_from": INIT_FROM[n]} if n in INIT_FROM else {})} for n in names
+           if n not in INIT_FROM or INIT_FROM[n] in names]
+    out.sort(key=lambda m: "init_from" in m)
     for name, base, sets in VARIANTS:
         if base not in names:
             continue

@@ -363,3 +363,14 @@ def test_a_member_whose_source_failed_is_not_started(tmp_path, monkeypatch):
     assert result.failed["fm/seed-0"] == "RuntimeError: diverged"
     assert result.failed["dmf/seed-0"] == "not started: the member it initialises from, 'fm', failed"
     assert result.ran == ["meanflow/seed-0"]
+
+
+def test_sweep_dry_run_checks_every_member_including_those_initialised_from_another(tmp_path):
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    res = CliRunner().invoke(app, ["sweep", "--objectives", "fm,dmf@fm", "--recipe", "toy2d", "--seeds", "0,1",
+                                   "--out", str(tmp_path / "s"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert f"train.init_from: None → '{(tmp_path / 's').resolve() / 'fm' / 'seed-0'}'" in " ".join(res.output.split())
