@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from fewstep.checkpoints import Checkpoint, CheckpointError, latest_checkpoint, verify_checkpoint
-from fewstep.config import ConfigError, RunConfig, run_config_from_dict, to_dict
+from fewstep.config import (ConfigError, RunConfig, apply_overrides, default_backbone_config, run_config_from_dict,
+                            to_dict)
 from fewstep.contracts import DataSpec, Objective
 from fewstep.files import write_json
-from fewstep.registry import objectives
+from fewstep.registry import objectives, recipes
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -36,6 +37,27 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if changes:
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, **changes))
     return cfg
+
+
+def build_config(recipe: str, objective: str | None, backbone: str | None, data: str | None,
+                 kimg: float | None, batch: int | None, overrides: list[str], lr: float | None = None,
+                 seed: int | None = None) -> RunConfig:
+    """Recipe → config with the CLI's choices and ``--set`` overrides applied (no compute)."""
+    make = recipes.get(recipe)
+    cfg: RunConfig = make(objective) if objective else make()
+    if backbone:
+        cfg.backbone = default_backbone_config(backbone, cfg.backbone)
+    if data:
+        cfg.data.name = data
+    if kimg is not None:
+        cfg.train.total_kimg = kimg
+    if batch is not None:
+        cfg.train.batch = batch
+    if lr is not None:
+        cfg.train.lr = lr
+    if seed is not None:
+        cfg.train.seed = seed
+    return apply_overrides(cfg, overrides)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig, cuda: bool) -> torch.optim.AdamW:

@@ -7,8 +7,8 @@ from fewstep.objectives.imf import IMF, IMFConfig
 from fewstep.objectives.meanflow import MeanFlow, MeanFlowConfig
 from fewstep.objectives.scm import SCM, SCMConfig
 from fewstep.objectives.shortcut import Shortcut, ShortcutConfig
-from fewstep.objectives.tvm import TVMConfig, TVMObjective
+from fewstep.objectives.tvm import TVMConfig, TVM
 
 __all__ = ["DMF", "ECT", "IMF", "AlphaFlow", "AlphaFlowConfig", "DMFConfig", "ECTConfig", "FlowMatching",
            "FlowMatchingConfig", "IMFConfig", "MeanFlow", "MeanFlowConfig", "SCM", "SCMConfig", "Shortcut",
-           "ShortcutConfig", "TVMConfig", "TVMObjective"]
+           "ShortcutConfig", "TVMConfig", "TVM"]

@@ -115,7 +115,7 @@ class TVMTerms:
 
 
 @objectives.register("tvm", summary="Terminal Velocity Matching: flow map + JVP terminal velocity, EMA teacher, distilled CFG")
-class TVMObjective(Objective):
+class TVM(Objective):
     """Terminal Velocity Matching with the gap* sampler, an EMA teacher and distilled CFG.
 
     The teacher θ⁻ (``self.teacher``) is a frozen copy of the backbone, kept in eval mode, updated
@@ -135,7 +135,7 @@ class TVMObjective(Objective):
     def teacher_tracks(self) -> list[tuple[nn.Module, float]]:
         return [(self.teacher, self.config.teacher_beta)]
 
-    def train(self, mode: bool = True) -> "TVMObjective":
+    def train(self, mode: bool = True) -> "TVM":
         """Train/eval the objective; the teacher always stays in eval mode."""
         super().train(mode)
         self.teacher.eval()

@@ -11,7 +11,7 @@ import torch
 
 from fewstep.backbones.inputs import trusted_labels
 from fewstep.build import build_objective, resolve
-from fewstep.cli import build_config
+from fewstep.build import build_config
 from fewstep.compiling import compile_objective
 from fewstep.contracts import DataSpec
 from fewstep.objectives.jvp import backbone_jvp, functorch_jvp

@@ -66,7 +66,7 @@ def members(recipe: str, schedule_kimg: float | None) -> list[dict]:
     ``schedule_kimg`` (``None``: the recipe's)."""
     import dataclasses
 
-    from fewstep.cli import build_config
+    from fewstep.build import build_config
     from fewstep.config import ConfigError, default_objective_config
     from fewstep.registry import objectives
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from fewstep.build import build_objective, build_optimizer, resolve
-from fewstep.cli import build_config
+from fewstep.build import build_config
 from fewstep.data import load_dataset
 
 

@@ -94,15 +94,15 @@ def test_host_time_counts_issuing_the_step_and_not_the_final_wait():
 def test_bench_json_names_the_gpu_and_versions_first(tmp_path, monkeypatch):
     import json
 
-    from fewstep.cli import _write_bench_json
+    from fewstep.bench.cli import write_bench_json
 
     triton = pytest.importorskip("triton")                       # a dev dependency on Linux x86-64
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     path = tmp_path / "new" / "bench.json"                      # parents are created
-    _write_bench_json(path, {"batch": 32, "when": object()}, default=lambda v: "object")
+    write_bench_json(path, {"batch": 32, "when": object()}, default=lambda v: "object")
     body = json.loads(path.read_text())
     assert list(body) == ["device", "torch", "triton", "batch", "when"]
     assert (body["device"], body["torch"], body["triton"], body["when"]) == \
         ("Fake GPU", torch.__version__, triton.__version__, "object")
-    _write_bench_json(None, {"batch": 32})                       # no --out: nothing written, no GPU asked
+    write_bench_json(None, {"batch": 32})                       # no --out: nothing written, no GPU asked

@@ -112,7 +112,7 @@ def test_fashion_mnist_recipes_on_a_cpu_are_refused(machine_with, tmp_path, monk
 
 @pytest.mark.parametrize("objective", ["fm", "tvm", "meanflow", "scm", "ect"])
 def test_every_objectives_step_is_measured(fashion_dir, objective):
-    from fewstep.cli import build_config
+    from fewstep.build import build_config
     from fewstep.data import load_dataset
 
     from fewstep.build import resolve
@@ -126,7 +126,7 @@ def test_the_memory_estimate_counts_what_autograd_really_keeps(fashion_dir):
     """The fake forward's count equals the same count over a real forward with the same draws, and the
     refusal threshold follows from the estimate."""
     from fewstep.build import build_objective, resolve
-    from fewstep.cli import build_config
+    from fewstep.build import build_config
     from fewstep.data import load_dataset
 
     cfg = resolve(build_config("smoke", "tvm", None, None, None, 2, [f"data.root={fashion_dir}"]))

@@ -98,7 +98,7 @@ def build(name: str, problem, error: float):
     output), guidance and label dropout off where they would make the null Gaussian matter."""
     from fewstep.objectives import (DMF, ECT, IMF, SCM, AlphaFlow, AlphaFlowConfig, DMFConfig, ECTConfig,
                                     FlowMatching, FlowMatchingConfig, IMFConfig, MeanFlow, MeanFlowConfig, Shortcut,
-                                    ShortcutConfig, TVMConfig, TVMObjective)
+                                    ShortcutConfig, TVMConfig, TVM)
     from fewstep.objectives.scm import SCMConfig
 
     m, sd, K = problem.means, problem.sigma, problem.num_classes
@@ -111,7 +111,7 @@ def build(name: str, problem, error: float):
         "fm": lambda: FlowMatching(VelocityOracle(m, sd, error), FlowMatchingConfig(label_dropout=0.0), K),
         "meanflow": lambda: MeanFlow(AverageVelocityOracle(m, sd, error),
                                      MeanFlowConfig(omega=1.0, kappa=0.0, label_dropout=0.0), K),
-        "tvm": lambda: TVMObjective(FlowMapOracle(m, sd, error=error), TVMConfig(guidance=1.0, label_dropout=0.0), K),
+        "tvm": lambda: TVM(FlowMapOracle(m, sd, error=error), TVMConfig(guidance=1.0, label_dropout=0.0), K),
         "scm": lambda: ExactTeacherSCM(TrigFlowOracle(m, sd, 0.5, error=error), SCMConfig(sigma_data=0.5), K),
         "ect": lambda: ECT(EDMOracle(m, sd, offset=10 * error), ECTConfig(huber_c=0.0), K),
         "imf": lambda: IMF(AverageVelocityOracle(m, sd, error, conditions=True), IMFConfig(label_dropout=0.0), K),

@@ -101,7 +101,7 @@ TINY = ["backbone.depth=1", "backbone.hidden_size=32", "backbone.num_heads=2", "
 
 
 def _tiny(fashion_dir, *overrides):
-    from fewstep.cli import build_config
+    from fewstep.build import build_config
 
     return build_config("smoke", "fm", None, None, 0.064, 16, [f"data.root={fashion_dir}", *TINY, *overrides])
 

@@ -14,7 +14,7 @@ TINY = ["backbone.depth=1", "backbone.hidden_size=32", "backbone.num_heads=2", "
 
 
 def _train(fashion_dir, out, trackers):
-    from fewstep.cli import build_config
+    from fewstep.build import build_config
     from fewstep.train import train
 
     cfg = build_config("smoke", "fm", None, None, 0.064, 16,

@@ -12,7 +12,7 @@ from fewstep.backbones.dit import DiTConfig, tvm_variant
 from fewstep.contracts import DataSpec
 from fewstep.objectives.common import mean_flat, per_sample
 from fewstep.objectives.time_samplers import gap_star
-from fewstep.objectives.tvm import TVMConfig, TVMObjective
+from fewstep.objectives.tvm import TVMConfig, TVM
 from fewstep.sample import sample
 
 from oracle import FlowMapOracle, d, gaussian_batch, guided_velocity, oracle_means, rk4_flow_map
@@ -22,14 +22,14 @@ SIGMA, K = 0.5, 3
 SPEC = DataSpec(name="x", channels=1, resolution=8, num_classes=K, num_items=1)
 
 
-def tvm(error: float = 0.0, gap_error: float = 0.0, **cfg) -> TVMObjective:
+def tvm(error: float = 0.0, gap_error: float = 0.0, **cfg) -> TVM:
     config = TVMConfig(**{"label_dropout": 0.0, **cfg})
     oracle = FlowMapOracle(oracle_means(K), SIGMA, scaled=config.scaled, error=error, gap_error=gap_error)
-    return TVMObjective(oracle, config, num_classes=K).double()
+    return TVM(oracle, config, num_classes=K).double()
 
 
 def draws(n: int, seed: int = 0, w: float = 1.0):
-    """Data, labels, noise, gap* times and constant w for :meth:`TVMObjective.terms`."""
+    """Data, labels, noise, gap* times and constant w for :meth:`TVM.terms`."""
     x, y = gaussian_batch(oracle_means(K), SIGMA, n, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     eps = torch.randn(x.shape, generator=gen, dtype=torch.float64)
@@ -138,7 +138,7 @@ def dit_inputs(n: int = 4, seed: int = 0):
 
 @pytest.mark.parametrize("scaled", [True, False])
 def test_terminal_velocity_matches_finite_differences_of_the_map(scaled):
-    obj = TVMObjective(tiny_dit(), TVMConfig(scaled=scaled), num_classes=K)
+    obj = TVM(tiny_dit(), TVMConfig(scaled=scaled), num_classes=K)
     x_t, y, _, t, s, _, w = dit_inputs()
     k = w if scaled else torch.ones_like(w)
     X, V = obj.terminal(x_t, t, s, y, 1 / w, k)
@@ -156,7 +156,7 @@ def test_detach_jvp_same_loss_no_gradient_through_the_tangent():
     x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
     grads, losses = {}, {}
     for detach in (False, True):
-        obj = TVMObjective(tiny_dit(), TVMConfig(detach_jvp=detach), num_classes=K)
+        obj = TVM(tiny_dit(), TVMConfig(detach_jvp=detach), num_classes=K)
         net = obj.backbone
         terms = obj.terms(*inputs)
         losses[detach] = (terms.terminal.detach(), terms.fm.detach())
@@ -200,7 +200,7 @@ def test_label_dropout_null_label_and_unit_guidance():
             calls.append((self, y, guidance, None if torch._C._functorch.is_functorch_wrapped_tensor(t) else (t, s)))
             return super().forward(x, t, s, y, guidance)
 
-    obj = TVMObjective(Spy(oracle_means(K), SIGMA), TVMConfig(guidance=2.0, label_dropout=0.1), num_classes=K).double()
+    obj = TVM(Spy(oracle_means(K), SIGMA), TVMConfig(guidance=2.0, label_dropout=0.1), num_classes=K).double()
     x, y = gaussian_batch(oracle_means(K), SIGMA, 100_000)
     out = obj(x, y, torch.Generator().manual_seed(0))
     (_, y_jvp, b_jvp, _), (teacher, y2, b2, (t2, s2)), (student, y_fm, b_fm, _) = calls
@@ -217,9 +217,9 @@ def test_label_dropout_null_label_and_unit_guidance():
 
 def test_random_guidance_modes_and_config_checks():
     gen = torch.Generator().manual_seed(0)
-    w = TVMObjective(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(guidance=None, guidance_min=1.5, guidance_max=2.5), K).training_guidance(100_000, gen, torch.device("cpu"))
+    w = TVM(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(guidance=None, guidance_min=1.5, guidance_max=2.5), K).training_guidance(100_000, gen, torch.device("cpu"))
     assert 1.5 <= float(w.min()) and float(w.max()) <= 2.5 and abs(float(w.mean()) - 2.0) < 0.01
-    beta = 1 / TVMObjective(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(guidance=None), K).training_guidance(100_000, gen, torch.device("cpu"))
+    beta = 1 / TVM(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(guidance=None), K).training_guidance(100_000, gen, torch.device("cpu"))
     assert 0 < float(beta.min()) and float(beta.max()) <= 1 and abs(float(beta.mean()) - 0.5) < 0.005
     for bad in ({"label_dropout": 1.5}, {"guidance": 0.0}, {"teacher_beta": 2.0}):
         with pytest.raises(ValueError, match="TVMConfig"):
@@ -227,7 +227,7 @@ def test_random_guidance_modes_and_config_checks():
     for bad in ({"guidance_min": 1.0, "guidance_max": 2.0}, {"guidance": None, "guidance_min": 1.0},
                 {"guidance": None, "guidance_min": 2.0, "guidance_max": 1.0}):
         with pytest.raises(ValueError, match="TVMConfig"):
-            TVMObjective(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(**bad), K)
+            TVM(FlowMapOracle(oracle_means(K), SIGMA), TVMConfig(**bad), K)
 
 
 def test_terminal_term_is_masked_where_s_equals_t_and_nonfinite_is_counted(monkeypatch):
@@ -251,7 +251,7 @@ def test_terminal_term_is_masked_where_s_equals_t_and_nonfinite_is_counted(monke
 
 
 def test_ema_teacher_update_and_state():
-    obj = TVMObjective(tiny_dit(), TVMConfig(), num_classes=K)
+    obj = TVM(tiny_dit(), TVMConfig(), num_classes=K)
     assert obj.teacher_tracks() == [(obj.teacher, 0.99)]
     old = [p.clone() for p in obj.teacher.parameters()]
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_ema_teacher_update_and_state():
 def test_tiny_dit_smoke_grads_accumulation_and_sampling():
     torch.manual_seed(0)
     cfg = DiTConfig(name="dit-debug", depth=1, hidden_size=32, num_heads=2, patch_size=4, gap_embedder=True, guidance_embedder=True)
-    obj = TVMObjective(tvm_variant(cfg).build(SPEC), TVMConfig(), num_classes=K)
+    obj = TVM(tvm_variant(cfg).build(SPEC), TVMConfig(), num_classes=K)
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % K
     out = obj(x, y, torch.Generator().manual_seed(0))
     out.loss.backward()
@@ -283,14 +283,14 @@ def test_tiny_dit_smoke_grads_accumulation_and_sampling():
         assert torch.allclose(shares, out.logs[f"loss_{term}"])
     assert torch.allclose(sum(out.logs[f"frac_t{i}"] for i in range(4)), torch.tensor(1.0))
     # per-sample terms do not depend on the rest of the batch (gradient accumulation)
-    dobj = TVMObjective(tiny_dit(), TVMConfig(), num_classes=K)
+    dobj = TVM(tiny_dit(), TVMConfig(), num_classes=K)
     inputs = dit_inputs(8)
     full = dobj.terms(*inputs)
     halves = [dobj.terms(*(v[i:i + 4] for v in inputs)) for i in (0, 4)]
     assert torch.allclose(full.terminal, torch.cat([h.terminal for h in halves]), rtol=1e-10)
     assert torch.allclose(full.fm, torch.cat([h.fm for h in halves]), rtol=1e-10)
     assert obj.flops_per_sample(1.0) == 11.0 and dobj.evaluations_per_step(None) == 1
-    assert TVMObjective(tiny_dit(), TVMConfig(detach_jvp=True), num_classes=K).flops_per_sample(1.0) == 9.0
+    assert TVM(tiny_dit(), TVMConfig(detach_jvp=True), num_classes=K).flops_per_sample(1.0) == 9.0
     for nfe in (1, 2):
         res = sample(obj, list(range(5)), nfe=nfe)
         assert res.images.shape == (5, 1, 8, 8) and bool(torch.isfinite(res.images).all())

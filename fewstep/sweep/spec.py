@@ -293,7 +293,7 @@ def member_config(spec: SweepSpec, member: Member, seed: int | None = None,
     A member with ``init_from`` gets ``train.init_from`` = that member's run directory of the same seed in
     ``sweep_dir`` (its bare name when ``sweep_dir`` is not given: enough for checks, not for training)."""
     from fewstep.build import resolve
-    from fewstep.cli import build_config
+    from fewstep.build import build_config
     from fewstep.train import check_config
 
     seed = spec.seeds[0] if seed is None else seed
