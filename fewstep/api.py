@@ -53,8 +53,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from fewstep.config import BackboneConfig, DataConfig, ObjectiveConfig, RunConfig, SampleConfig, TrainConfig
-from fewstep.contracts import (Backbone, Condition, DataSpec, LossOutput, Objective, ObjectiveNeeds,
-                               ema_update, frozen_copy)
+from fewstep.contracts import Backbone, Condition, DataSpec, LossOutput, Objective, ObjectiveNeeds
+from fewstep.ema import ema_update, frozen_copy
 from fewstep.objectives.common import drop_labels, logit_normal, mean_flat, per_sample, rand, randn
 from fewstep.objectives.jvp import jvp
 from fewstep.registry import (Registry, RegistryError, backbones, datasets, extractors, metrics, objectives,

@@ -74,7 +74,7 @@ def build_objective(cfg: RunConfig, spec: DataSpec) -> Objective:
         raise TypeError(f"objective {cfg.objective.name!r} needs a {cls.Config.__name__}, "
                         f"got {type(cfg.objective).__name__}")
     backbone = cfg.backbone.build(spec)
-    from fewstep.schedules import ema_tracks
+    from fewstep.ema import ema_tracks
 
     return cls(backbone, cfg.objective, num_classes=spec.num_classes, ema_betas=ema_tracks(cfg.train))
 

@@ -204,7 +204,7 @@ class TrainConfig:
                 raise ConfigError(f"train.ema_halflife_kimg[{name!r}] must be > 0, got {h}")
         if self.ema_rampup_ratio is not None and not self.ema_rampup_ratio > 0:
             raise ConfigError(f"train.ema_rampup_ratio must be > 0 (or none), got {self.ema_rampup_ratio}")
-        from fewstep.schedules import MAX_POWER_STD
+        from fewstep.ema import MAX_POWER_STD
 
         for name, std in self.ema_power_std.items():
             if not 0 < std < MAX_POWER_STD:

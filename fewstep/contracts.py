@@ -9,7 +9,6 @@ label dropout and unconditional (CFG) evaluations.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig
+from fewstep.ema import ema_update, frozen_copy
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,23 +131,6 @@ class Condition:
 
     y: Tensor | None = None
     guidance: Tensor | None = None
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy with gradients off, in eval mode (EMA tracks and teachers)."""
-    twin = copy.deepcopy(module)
-    twin.requires_grad_(False)
-    return twin.eval()
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, online: nn.Module, beta: float) -> None:
-    """``p_ema ← β·p_ema + (1 − β)·p`` over parameters; buffers are copied."""
-    ema_params = [p for p in ema.parameters()]
-    online_params = [p.detach() for p in online.parameters()]
-    torch._foreach_lerp_(ema_params, online_params, 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), online.buffers()):
-        b_ema.copy_(b)
 
 
 class Objective(nn.Module):

@@ -166,7 +166,7 @@ def export_model(run: str | os.PathLike, out: str | os.PathLike, weights: str | 
     from fewstep.build import find_checkpoint, spec_from_dict
     from fewstep.config import run_config_from_dict, to_dict
     from fewstep.model import describe, load
-    from fewstep.schedules import ema_tracks
+    from fewstep.ema import ema_tracks
 
     ckpt = find_checkpoint(run)
     cfg = run_config_from_dict(ckpt.field("config"))

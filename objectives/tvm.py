@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig
-from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds, frozen_copy
+from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
+from fewstep.ema import frozen_copy
 from fewstep.objectives.common import drop_labels, mean_flat, per_sample, rand, randn
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.objectives.time_samplers import gap_star

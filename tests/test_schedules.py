@@ -13,8 +13,8 @@ from fewstep.build import check_compatible
 from fewstep.checkpoints import latest_checkpoint
 from fewstep.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from fewstep.registry import objectives, recipes
-from fewstep.schedules import (TrainingSchedule, ema_tracks, halflife_beta, lr_at, power_beta,
-                               power_std_to_exponent)
+from fewstep.ema import ema_tracks, halflife_beta, power_beta, power_std_to_exponent
+from fewstep.schedules import TrainingSchedule, lr_at
 
 IN_TREE = ("fm", "tvm", "meanflow", "scm", "ect")
 

@@ -10,7 +10,7 @@ any teacher) is spread over the processes of a ``torchrun`` / ``accelerate launc
   teacher, each EMA track: modules of the online backbone's class) has each of its ``compile_regions()``
   (the DiT's blocks) and itself sharded with ``torch.distributed.fsdp.fully_shard``, then the objective
   root. Every parameter becomes a DTensor sharded on dim 0 over one mesh, the same placement for the
-  online net and its copies, so :func:`fewstep.contracts.ema_update` (``_foreach_lerp_``) updates
+  online net and its copies, so :func:`fewstep.ema.ema_update` (``_foreach_lerp_``) updates
   local shards with no communication. The JVP still runs inside the root's forward; the blocks'
   all-gathers fire because the DiT enters blocks through ``__call__``. An EMA track is never called in
   training, so it is never gathered. Checkpoints hold full (unsharded) tensors, gathered on every rank
