@@ -25,7 +25,7 @@ from fewstep.backbones.inputs import TIME_MODES, check_conditioning, condition_v
 from fewstep.backbones.layers import (FREQUENCY_DIM, Modulation, RMSNorm, TimestepEmbedder, make_norm,
                                       merge_heads, modulate, sincos_pos_embed_2d, spectral_init_, split_heads,
                                       xavier_uniform_flat_)
-from fewstep.config import BackboneConfig
+from fewstep.config import BackboneConfig, require
 from fewstep.contracts import DataSpec
 from fewstep.kernels.attention import attention
 from fewstep.registry import backbones
@@ -142,9 +142,7 @@ class DiTConfig(BackboneConfig):
              "for spectral time MLPs"),
             (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"DiTConfig: {message}")
+        require(checks, "DiTConfig")
 
     def build(self, data: DataSpec) -> "DiT":
         """A freshly initialised DiT for items of ``data`` (channels, resolution, classes)."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fewstep.backbones.dit import aux_depth, check_family_build, check_head, family_checks
 from fewstep.backbones.inputs import check_conditioning, condition_vector, split_index
 from fewstep.backbones.layers import EPS, FREQUENCY_DIM, TimestepEmbedder
-from fewstep.config import BackboneConfig
+from fewstep.config import BackboneConfig, require
 from fewstep.contracts import DataSpec
 from fewstep.registry import backbones
 
@@ -58,12 +58,10 @@ class MLPConfig(BackboneConfig):
     aux_head_depth: int | None = None
 
     def __post_init__(self) -> None:
-        for ok, message in [(self.width >= 1, f"width must be ≥ 1, got {self.width}"),
-                            (self.depth >= 1, f"depth must be ≥ 1, got {self.depth}"),
-                            (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}"),
-                            *family_checks(self)]:
-            if not ok:
-                raise ValueError(f"MLPConfig: {message}")
+        require([(self.width >= 1, f"width must be ≥ 1, got {self.width}"),
+                 (self.depth >= 1, f"depth must be ≥ 1, got {self.depth}"),
+                 (self.time_scale > 0, f"time_scale must be > 0, got {self.time_scale}"),
+                 *family_checks(self)], "MLPConfig")
 
     def build(self, data: DataSpec) -> "MLP":
         """A freshly initialised MLP for items of ``data`` (channels, resolution, classes)."""

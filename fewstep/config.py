@@ -14,13 +14,21 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from fewstep.registry import closest
 
 
 class ConfigError(ValueError):
     """A config key, value or type that does not fit the dataclass it targets."""
+
+
+def require(checks: Iterable[tuple[bool, str]], where: str = "", error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` with the message of the first failing ``(ok, message)`` check, prefixed ``where: `` when
+    given: the one way config classes check their fields (``__post_init__``) and the trainer a whole config."""
+    for ok, message in checks:
+        if not ok:
+            raise error(f"{where}: {message}" if where else message)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,11 +176,32 @@ class TrainConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"train.max_minutes must be > 0 (or none), got {self.max_minutes}")
-        if self.checkpoint_blocks is not None and self.checkpoint_blocks < 0:
-            raise ConfigError(f"train.checkpoint_blocks must be ≥ 0 (or none: all), got {self.checkpoint_blocks}")
-        self._check_schedules()
+        from fewstep.ema import MAX_POWER_STD
+
+        names = [*self.ema_betas, *self.ema_halflife_kimg, *self.ema_power_std]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        require([
+            (self.max_minutes is None or self.max_minutes > 0,
+             f"train.max_minutes must be > 0 (or none), got {self.max_minutes}"),
+            (self.checkpoint_blocks is None or self.checkpoint_blocks >= 0,
+             f"train.checkpoint_blocks must be ≥ 0 (or none: all), got {self.checkpoint_blocks}"),
+            (self.lr_warmup_kimg >= 0, f"train.lr_warmup_kimg must be ≥ 0, got {self.lr_warmup_kimg}"),
+            (self.lr_schedule != "rsqrt" or (self.lr_decay_kimg or 0) > 0,
+             "train.lr_schedule=rsqrt needs train.lr_decay_kimg > 0: the kimg where the inverse square root decay "
+             "starts (edm2: 70k batches of 2048, about 143360 kimg)"),
+            (self.lr_decay_kimg is None or self.lr_decay_kimg > 0,
+             f"train.lr_decay_kimg must be > 0 (or none), got {self.lr_decay_kimg}"),
+            (not twice, f"EMA track {twice[0] if twice else ''!r} is defined twice (train.ema_betas, ema_halflife_kimg "
+                        "and ema_power_std share one set of names)"),
+            *[(0 <= beta < 1, f"train.ema_betas[{name!r}] must be a decay in [0, 1), got {beta}")
+              for name, beta in self.ema_betas.items()],
+            *[(h > 0, f"train.ema_halflife_kimg[{name!r}] must be > 0, got {h}") for name, h in self.ema_halflife_kimg.items()],
+            (self.ema_rampup_ratio is None or self.ema_rampup_ratio > 0,
+             f"train.ema_rampup_ratio must be > 0 (or none), got {self.ema_rampup_ratio}"),
+            *[(0 < std < MAX_POWER_STD, f"train.ema_power_std[{name!r}] must be in (0, {MAX_POWER_STD:.4f}) (σ_rel of a "
+                                        f"power-function EMA, e.g. 0.05 or 0.10), got {std}")
+              for name, std in self.ema_power_std.items()],
+        ])
         if self.trackers:
             from fewstep.train.trackers import known_trackers
 
@@ -182,34 +211,6 @@ class TrainConfig:
                 raise ConfigError(f"unknown tracker {unknown[0]!r} in train.trackers"
                                   + (f"; did you mean {hint[0]!r}?" if hint else "")
                                   + f" (valid: {', '.join(known_trackers())})")
-
-    def _check_schedules(self) -> None:
-        if self.lr_warmup_kimg < 0:
-            raise ConfigError(f"train.lr_warmup_kimg must be ≥ 0, got {self.lr_warmup_kimg}")
-        if self.lr_schedule == "rsqrt" and not (self.lr_decay_kimg or 0) > 0:
-            raise ConfigError("train.lr_schedule=rsqrt needs train.lr_decay_kimg > 0: the kimg where the "
-                              "inverse square root decay starts (edm2: 70k batches of 2048, about 143360 kimg)")
-        if self.lr_decay_kimg is not None and not self.lr_decay_kimg > 0:
-            raise ConfigError(f"train.lr_decay_kimg must be > 0 (or none), got {self.lr_decay_kimg}")
-        names = [*self.ema_betas, *self.ema_halflife_kimg, *self.ema_power_std]
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise ConfigError(f"EMA track {twice[0]!r} is defined twice (train.ema_betas, ema_halflife_kimg and "
-                              "ema_power_std share one set of names)")
-        for name, beta in self.ema_betas.items():
-            if not 0 <= beta < 1:
-                raise ConfigError(f"train.ema_betas[{name!r}] must be a decay in [0, 1), got {beta}")
-        for name, h in self.ema_halflife_kimg.items():
-            if not h > 0:
-                raise ConfigError(f"train.ema_halflife_kimg[{name!r}] must be > 0, got {h}")
-        if self.ema_rampup_ratio is not None and not self.ema_rampup_ratio > 0:
-            raise ConfigError(f"train.ema_rampup_ratio must be > 0 (or none), got {self.ema_rampup_ratio}")
-        from fewstep.ema import MAX_POWER_STD
-
-        for name, std in self.ema_power_std.items():
-            if not 0 < std < MAX_POWER_STD:
-                raise ConfigError(f"train.ema_power_std[{name!r}] must be in (0, {MAX_POWER_STD:.4f}) "
-                                  f"(σ_rel of a power-function EMA, e.g. 0.05 or 0.10), got {std}")
 
 
 @dataclass(kw_only=True)

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.config import ObjectiveConfig
+from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import (eval_mode, jump, logit_normal, mean_flat, per_sample, rand, randn,
                                        renoise)
@@ -105,9 +105,7 @@ class AlphaFlowConfig(ObjectiveConfig):
              f"sampler must be 'trajectory' or 'consistency', got {self.sampler!r}"),
             (0.0 < self.two_step_mid < 1.0, f"two_step_mid must lie in (0, 1), got {self.two_step_mid}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"AlphaFlowConfig: {message}")
+        require(checks, "AlphaFlowConfig")
 
 
 def alpha_schedule(kimg: float, start: float, end: float, gamma: float = 25.0, snap: float = 0.005) -> float:

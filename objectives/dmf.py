@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.backbones.layers import timestep_embedding
-from fewstep.config import ObjectiveConfig
+from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import (drop_labels, eval_mode, jump, logit_normal, mean_flat, per_sample,
                                        randn, renoise)
@@ -89,9 +89,7 @@ class DMFConfig(ObjectiveConfig):
             (self.logvar_frequencies >= 1, f"logvar_frequencies must be ≥ 1, got {self.logvar_frequencies}"),
             (self.sampler in ("euler", "restart"), f"sampler must be 'euler' or 'restart', got {self.sampler!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"DMFConfig: {message}")
+        require(checks, "DMFConfig")
 
 
 class LogVariance(nn.Module):

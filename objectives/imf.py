@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.config import ObjectiveConfig
+from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import (adaptive_weight, eval_mode, jump, per_sample, rand, randn,
                                        two_logit_normal_times)
@@ -98,9 +98,7 @@ class IMFConfig(ObjectiveConfig):
             (0.0 <= self.guidance_t_min <= self.guidance_t_max <= 1.0,
              f"need 0 ≤ guidance_t_min ≤ guidance_t_max ≤ 1, got {self.guidance_t_min}, {self.guidance_t_max}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"IMFConfig: {message}")
+        require(checks, "IMFConfig")
 
 
 @dataclass

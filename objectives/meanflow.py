@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.config import ObjectiveConfig
+from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import (adaptive_weight, drop_labels, eval_mode, jump, per_sample, randn,
                                        two_logit_normal_times)
@@ -95,9 +95,7 @@ class MeanFlowConfig(ObjectiveConfig):
             (self.norm_p >= 0, f"norm_p must be ≥ 0, got {self.norm_p}"),
             (self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"MeanFlowConfig: {message}")
+        require(checks, "MeanFlowConfig")
 
     @property
     def effective_guidance(self) -> float:

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fewstep.config import ObjectiveConfig
+from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.objectives.common import mean_flat, per_sample, randn
 from fewstep.objectives.jvp import backbone_jvp
@@ -97,9 +97,7 @@ class SCMConfig(ObjectiveConfig):
             (self.parameterization in ("trigflow", "velocity"),
              f"parameterization must be 'trigflow' or 'velocity', got {self.parameterization!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SCMConfig: {message}")
+        require(checks, "SCMConfig")
 
 
 class AdaptiveWeight(nn.Module):

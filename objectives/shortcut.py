@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fewstep.config import ObjectiveConfig
+from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.ema import frozen_copy
 from fewstep.objectives.common import drop_labels, jump, mean_flat, per_sample, rand, randn
@@ -69,9 +69,7 @@ class ShortcutConfig(ObjectiveConfig):
             (self.guidance >= 1.0, f"guidance must be ≥ 1, got {self.guidance}"),
             (self.clip is None or self.clip > 0, f"clip must be > 0 (or none), got {self.clip}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"ShortcutConfig: {message}")
+        require(checks, "ShortcutConfig")
 
 
 @dataclass

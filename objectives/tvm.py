@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fewstep.config import ObjectiveConfig
+from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.ema import frozen_copy
 from fewstep.objectives.common import drop_labels, mean_flat, per_sample, rand, randn
@@ -75,9 +75,7 @@ class TVMConfig(ObjectiveConfig):
             (0 <= self.teacher_beta <= 1, f"teacher_beta must lie in [0, 1], got {self.teacher_beta}"),
             (self.gap_std > 0 and self.s_std > 0, f"gap_std and s_std must be > 0, got {self.gap_std}, {self.s_std}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TVMConfig: {message}")
+        require(checks, "TVMConfig")
 
     def check_guidance(self) -> None:
         """Cross-field guidance checks (run when the objective is built, so that ``--set`` overrides

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewstep.config import ConfigError, RunConfig, coerce
+from fewstep.config import ConfigError, RunConfig, coerce, require
 from fewstep.files import write_json
 
 SPEC_FILE = "sweep.json"
@@ -138,9 +138,7 @@ class SweepSpec:
                    "ref gives the statistics of one metric; with several metrics let the sweep compute them"),
                   (self.num >= 2, f"num must be ≥ 2 (a covariance needs two samples), got {self.num}"),
                   (self.grid >= 1, f"grid must be ≥ 1, got {self.grid}")]
-        for ok, message in checks:
-            if not ok:
-                raise SweepError(message)
+        require(checks, error=SweepError)
 
     @property
     def metric(self) -> str:

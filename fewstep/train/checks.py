@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from fewstep.build import check_compatible, config_changes
 from fewstep.checkpoints import Checkpoint, latest_checkpoint, list_checkpoints, move_aside, verify_checkpoint
-from fewstep.config import ConfigError, RunConfig, run_config_from_dict, to_dict
+from fewstep.config import ConfigError, RunConfig, require, run_config_from_dict, to_dict
 from fewstep.contracts import DataSpec
 from fewstep.data.base import check_data_config
 
@@ -78,9 +78,7 @@ def check_config(cfg: RunConfig) -> None:
         (not t.compile_tuning or t.compile,
          "train.compile_tuning tunes the kernels torch.compile generates; set train.compile=true with it"),
     ]
-    for ok, message in problems:
-        if not ok:
-            raise ConfigError(message)
+    require(problems)
     check_data_config(cfg.data)
 
 
