@@ -55,7 +55,7 @@ from torch import Tensor
 from fewstep.config import BackboneConfig, DataConfig, ObjectiveConfig, RunConfig, SampleConfig, TrainConfig
 from fewstep.contracts import Backbone, Condition, DataSpec, LossOutput, Objective, ObjectiveNeeds
 from fewstep.ema import ema_update, frozen_copy
-from fewstep.objectives.common import drop_labels, logit_normal, mean_flat, per_sample, rand, randn
+from fewstep.objectives.common import drop_labels, interpolate, logit_normal, mean_flat, per_sample, rand, randn
 from fewstep.objectives.jvp import jvp
 from fewstep.registry import (Registry, RegistryError, backbones, datasets, extractors, metrics, objectives,
                               recipes)
@@ -69,12 +69,6 @@ NOISE_TIME = 1.0
 
 DATA_TIME = 0.0
 """The time of data (the sampler ends here)."""
-
-
-def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """``x_t = (1 − t)·x + t·noise``; x and noise (B, C, H, W), t (B,) in [0, 1]."""
-    t = per_sample(t, x).to(x.dtype)
-    return (1 - t) * x + t * noise
 
 
 def velocity(x: Tensor, noise: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import (eval_mode, jump, logit_normal, mean_flat, per_sample, rand, randn,
+from fewstep.objectives.common import (eval_mode, interpolate, jump, logit_normal, mean_flat, per_sample, rand, randn,
                                        renoise)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
@@ -237,7 +237,7 @@ class AlphaFlow(Objective):
         alpha = self.alpha(nimg)
         t, s = self.sample_times(x.shape[0], generator, x.device, dt)
         eps = randn(tuple(x.shape), generator, x.device, dt)
-        x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
+        x_t = interpolate(x, eps, t)
         v = eps - x
         v_tilde, y_net, dropped = self.shift_velocity(v, x_t, t, y, generator)
         v_tilde = v_tilde.detach()

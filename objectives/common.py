@@ -53,6 +53,13 @@ def per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """``x_t = (1 − t)·x + t·noise`` (t = 1 noise, t = 0 data); x and noise (B, C, H, W), t (B,) in [0, 1].
+    The one interpolation of every in-tree objective, and plugins' (``fewstep.api.interpolate``)."""
+    t = per_sample(t, x).to(x.dtype)
+    return (1 - t) * x + t * noise
+
+
 def adaptive_weight(L: Tensor, p: float, c: float) -> Tensor:
     """MeanFlow's adaptive loss weight 1/sg((L + c)^p) of per-sample losses L (B,) (p = 1, c = 0.01 on
     ImageNet; objectives.md §2.2): loss = weight·L normalises L to ≈ 1 without a gradient through it."""

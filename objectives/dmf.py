@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from fewstep.backbones.layers import timestep_embedding
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import (drop_labels, eval_mode, jump, logit_normal, mean_flat, per_sample,
+from fewstep.objectives.common import (drop_labels, eval_mode, interpolate, jump, logit_normal, mean_flat, per_sample,
                                        randn, renoise)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
@@ -194,8 +194,8 @@ class DMF(Objective):
         b = logit_normal(B, cfg.s_mean, cfg.s_std, generator, dev).to(dt)
         t, s = torch.maximum(a, b), torch.minimum(a, b)
         eps = randn(tuple(x.shape), generator, dev, dt)
-        x_f = (1 - per_sample(t_f, x)) * x + per_sample(t_f, x) * eps_f
-        x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
+        x_f = interpolate(x, eps_f, t_f)
+        x_t = interpolate(x, eps, t)
         v_f, v = eps_f - x, eps - x
         guided = self.model_guidance(torch.cat([v_f, v]), torch.cat([x_f, x_t]), torch.cat([t_f, t]),
                                      None if y is None else torch.cat([y, y]), torch.cat([dropped, dropped]))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import drop_labels, logit_normal, mean_flat, per_sample, randn
+from fewstep.objectives.common import drop_labels, interpolate, logit_normal, mean_flat, per_sample, randn
 from fewstep.registry import objectives
 
 
@@ -50,7 +50,7 @@ class FlowMatching(Objective):
         cfg = self.config
         t = logit_normal(x.shape[0], cfg.t_mean, cfg.t_std, generator, x.device)
         eps = randn(tuple(x.shape), generator, x.device, x.dtype)
-        x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
+        x_t = interpolate(x, eps, t)
         y, _ = drop_labels(y, cfg.label_dropout, self.num_classes, generator)
         v = self.backbone(x_t, t, y=y)
         loss = mean_flat((v.float() - (eps - x).float()) ** 2)

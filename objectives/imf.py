@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import (adaptive_weight, eval_mode, jump, per_sample, rand, randn,
+from fewstep.objectives.common import (adaptive_weight, eval_mode, interpolate, jump, per_sample, rand, randn,
                                        two_logit_normal_times)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
@@ -212,7 +212,7 @@ class IMF(Objective):
         x = x.to(dt)
         t, s = two_logit_normal_times(B, cfg.t_mean, cfg.t_std, cfg.r_equals_t_fraction, generator, dev, dt)
         eps = randn(tuple(x.shape), generator, dev, dt)
-        x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
+        x_t = interpolate(x, eps, t)
         v = eps - x
         omega, t_min, t_max = self.sample_guidance(t, s, generator)
         dropped = self.first_k_dropped(B, generator, dev)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import (adaptive_weight, drop_labels, eval_mode, jump, per_sample, randn,
+from fewstep.objectives.common import (adaptive_weight, drop_labels, eval_mode, interpolate, jump, per_sample, randn,
                                        two_logit_normal_times)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
@@ -188,7 +188,7 @@ class MeanFlow(Objective):
         cfg = self.config
         t, r = self.sample_times(x.shape[0], generator, x.device, x.dtype)
         eps = randn(tuple(x.shape), generator, x.device, x.dtype)
-        z_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
+        z_t = interpolate(x, eps, t)
         v = eps - x
         y_net, dropped = drop_labels(y, cfg.label_dropout, self.num_classes, generator)
         if cfg.label_dropout_samples == "first" and y is not None and self.num_classes > 0:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.ema import frozen_copy
-from fewstep.objectives.common import drop_labels, jump, mean_flat, per_sample, rand, randn
+from fewstep.objectives.common import drop_labels, interpolate, jump, mean_flat, per_sample, rand, randn
 from fewstep.registry import objectives
 
 
@@ -153,7 +153,7 @@ class Shortcut(Objective):
         times = self.sample_times(B, generator, x.device)
         t, d, nb = times.t.to(x.dtype), times.d.to(x.dtype), times.n_boot
         eps = randn(tuple(x.shape), generator, x.device, x.dtype)
-        x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
+        x_t = interpolate(x, eps, t)
         y_drop, dropped = drop_labels(y, cfg.label_dropout, self.num_classes, generator)
         fm = torch.arange(B, device=x.device) >= nb
         y_net = None if y is None else torch.where(fm, y_drop, y)   # dropout on flow-matching samples only

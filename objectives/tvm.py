@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
 from fewstep.ema import frozen_copy
-from fewstep.objectives.common import drop_labels, mean_flat, per_sample, rand, randn
+from fewstep.objectives.common import drop_labels, interpolate, mean_flat, per_sample, rand, randn
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.objectives.time_samplers import gap_star
 from fewstep.registry import objectives
@@ -197,8 +197,8 @@ class TVM(Objective):
         t, s, s_prime, w = (v.to(dt) for v in (t, s, s_prime, w))
         beta = 1 / w
         k = w if self.config.scaled else torch.ones_like(w)
-        x_t = (1 - per_sample(t, x)) * x + per_sample(t, x) * eps
-        x_sp = (1 - per_sample(s_prime, x)) * x + per_sample(s_prime, x) * eps
+        x_t = interpolate(x, eps, t)
+        x_sp = interpolate(x, eps, s_prime)
         X, V = self.terminal(x_t, t, s, y, beta, k)
 
         with torch.no_grad():   # one teacher pass on 2B: [sg(X), x_s′] at [s, s′], gap 0, [c, ∅], [β, 1]
