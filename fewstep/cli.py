@@ -42,7 +42,7 @@ from fewstep.compare import CompareError, compare_runs, plot as draw, report
 from fewstep.config import ConfigError, DataConfig, RunConfig, to_dict
 from fewstep.data import load_dataset
 from fewstep.data.prepare import prepare_latents
-from fewstep.eval import evaluate_fid, make_reference
+from fewstep.evaluate_images import evaluate_fid, make_reference
 from fewstep.export import check_hub, export_model, push_to_hub as push
 from fewstep.files import save_tensors
 from fewstep.logs import setup_logging

@@ -112,10 +112,9 @@ class TrainConfig:
         compile: ``torch.compile`` the backbones' blocks (:mod:`fewstep.compiling`; CUDA). Same
             results up to float rounding; the first steps take longer while graphs compile.
         compile_tuning: with ``compile``, let Inductor tune the launch configs of its fused
-            element-wise and reduction kernels (coordinate-descent tuning): on an H100 the TVM DiT-XL/2
-            step at batch 32 went from 0.351 to 0.321 s, for about 6 more minutes of compilation on
-            the first step (Inductor caches the results on the machine, so later runs start faster).
-            Worth it for long runs; see docs/speed.md.
+            element-wise and reduction kernels (coordinate-descent tuning): faster steps for minutes of
+            compilation on the first step (Inductor caches the results on the machine, so later runs
+            start faster). Worth it for long runs; the measured gain and cost are in docs/speed.md.
         activation_checkpointing: recompute each block's activations (and tangents) in backward:
             less memory for about one more forward per step.
         checkpoint_blocks: with ``activation_checkpointing``, recompute only the first this many
@@ -123,8 +122,7 @@ class TrainConfig:
             smallest that fits (``fewstep bench step --checkpointing --set train.checkpoint_blocks=N``).
         cpu_threads: PyTorch threads of a CPU run; ``None`` (auto) honours ``OMP_NUM_THREADS``, else takes
             the cores not busy with other work, split over this host's processes
-            (:mod:`fewstep.train.resources`: on a busy 2-core machine two threads ran 2.6–6× slower than
-            one). GPU runs ignore it.
+            (:mod:`fewstep.train.resources`; why: docs/speed.md, "CPU threads"). GPU runs ignore it.
         trackers: experiment trackers that get the status records, the config and the sample grids
             (Accelerate's: ``tensorboard``, ``wandb``, …; :mod:`fewstep.train.trackers`); rank 0 only.
         tracker_project: the project name trackers file the run under (wandb's project).

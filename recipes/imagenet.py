@@ -33,6 +33,10 @@ PAPER_STEPS = 300_000
 PAPER_BATCH = 2048
 # Paper Table 6, "time-embedding init" per (resolution, w): what the paper says, used by init="written".
 TABLE6_TIME_INIT = {(256, 2.0): "spectral", (256, 1.75): "normal", (512, 2.5): "normal", (512, 2.25): "spectral"}
+# Images per GPU per forward: the official 64-GPU setup's 2048 / 64, which fits an 80 GB GPU (docs/speed.md);
+# fewer GPUs accumulate rounds of 32 (train.batch_per_gpu never changes the experiment: gradient
+# accumulation keeps the global batch).
+PER_GPU_MICRO_BATCH = 32
 
 
 def imagenet_data(resolution: int) -> DataConfig:
@@ -68,7 +72,8 @@ def imagenet_tvm(resolution: int, guidance: float, scaled: bool, init: str = "re
         objective=objective_config("tvm", guidance=guidance, scaled=scaled),
         backbone=backbone,
         data=imagenet_data(resolution),
-        train=TrainConfig(total_kimg=PAPER_STEPS * PAPER_BATCH / 1000, batch=PAPER_BATCH, lr=1e-4,
+        train=TrainConfig(total_kimg=PAPER_STEPS * PAPER_BATCH / 1000, batch=PAPER_BATCH,
+                          batch_per_gpu=PER_GPU_MICRO_BATCH, lr=1e-4,
                           betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                           grad_clip=1.0 if resolution == 512 else None, ema_betas={"ema": 0.9999},
                           precision="bf16", allow_tf32=False, status_kimg=204.8, checkpoint_kimg=10240,

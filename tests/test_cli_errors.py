@@ -339,7 +339,7 @@ def test_markup_in_messages_is_printed_as_text(monkeypatch):
 
 
 def test_garbage_numbers_in_np_load_are_refused(tmp_path):
-    from fewstep.eval import load_stats
+    from fewstep.evaluate_images import load_stats
 
     np.save(tmp_path / "one.npy", np.ones(3))
     (tmp_path / "one.npy").rename(tmp_path / "one.npz")

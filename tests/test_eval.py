@@ -20,7 +20,7 @@ from fewstep.checkpoints import save_checkpoint
 from fewstep.cli import app
 from fewstep.config import DataConfig, RunConfig, TrainConfig, default_objective_config, to_dict
 from fewstep.contracts import DataSpec
-from fewstep.eval import (check_reference, dataset_statistics, evaluate_fid, load_stats, make_reference,
+from fewstep.evaluate_images import (check_reference, dataset_statistics, evaluate_fid, load_stats, make_reference,
                           sample_statistics, save_stats)
 from fewstep.images import to_uint8
 from fewstep.metrics import FeatureStats, RandomProjection, frechet_distance

@@ -136,7 +136,7 @@ def test_push_to_hub_offline_fails_at_once(trained, tmp_path, monkeypatch):
 
 
 def test_eval_accepts_an_exported_model(trained, tmp_path):
-    from fewstep.eval import evaluate_fid, make_reference
+    from fewstep.evaluate_images import evaluate_fid, make_reference
     from fewstep.config import DataConfig
 
     out = export_model(trained, tmp_path / "m", grid=0, device="cpu")

@@ -21,7 +21,7 @@ from fewstep.data import load_dataset
 from fewstep.data.base import DataError
 from fewstep.data.toy2d import (NUM_CLASSES, Toy2D, class_of_component, component_means, component_std,
                                 sample_mixture)
-from fewstep.evaluate import evaluate_points
+from fewstep.evaluate_points import evaluate_points
 from fewstep.metrics import random_directions, sliced_wasserstein
 from fewstep.objectives.fm import FlowMatching, FlowMatchingConfig
 from fewstep.objectives.jvp import jvp

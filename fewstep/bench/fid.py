@@ -3,7 +3,7 @@
 Both paths see the same images: seeds ``0 … num − 1`` of one model, sampled with
 :func:`fewstep.sample.sample` and quantised with :func:`fewstep.images.to_uint8`.
 
-* fewstep: :func:`fewstep.eval.sample_statistics` (GPU resize as two matrix products, streaming float64
+* fewstep: :func:`fewstep.evaluate_images.sample_statistics` (GPU resize as two matrix products, streaming float64
   sums, torch Fréchet distance).
 * clean-fid: ``cleanfid.fid.compute_fid(gen=..., mode="clean")`` as released (per-image PIL resize on the
   CPU, features kept as numpy, ``scipy.linalg.sqrtm``), given the same network as
@@ -95,7 +95,7 @@ def bench_fid(*, num: int = 10_000, batch: int = 256, nfe: int = 1, inception: s
               num_classes: int = 1000, run: str | None = None, ref_num: int | None = None, device: str = "auto",
               autocast: bool = True, cleanfid: bool = True) -> dict[str, Any]:
     """Time both paths on the same images and compare their FIDs; returns the numbers printed."""
-    from fewstep.eval import sample_statistics
+    from fewstep.evaluate_images import sample_statistics
 
     dev = parse_device(device)
     autocast = autocast and dev.type == "cuda"

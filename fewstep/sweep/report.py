@@ -251,7 +251,7 @@ def markdown(spec: SweepSpec, rows: list[Row], members: list[MemberSummary]) -> 
     floors = [r.floor for r in rows if r.floor is not None]
     if floors:
         lines += [f"Noise floor (SW2 between two halves of the test data, {spec.num} points each): {floors[0]:.4g} "
-                  "(a perfect model scores about this; see fewstep/evaluate.py).", ""]
+                  "(a perfect model scores about this; see fewstep/evaluate_points.py).", ""]
     per_seed = ["member", "seed", *(f"{metric_label(m)} @{n}" for m in spec.metrics for n in spec.nfe), "kimg", "steps",
                 "TFLOP", "img/s", "GPU-min" if gpu else "CPU-min", "status"]
     lines += ["## Per seed", "", "| " + " | ".join(per_seed) + " |",

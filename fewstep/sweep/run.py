@@ -94,7 +94,7 @@ def ensure_reference(spec: SweepSpec, sweep_dir: Path) -> None:
             continue
         if spec.ref:
             raise FileNotFoundError(f"reference statistics {path} not found")
-        from fewstep.eval import make_reference
+        from fewstep.evaluate_images import make_reference
 
         log.info(f"reference statistics: {metric} features of {data.name} ({data.split}, {spec.protocol} protocol) "
             f"→ {path.name}")

@@ -213,7 +213,7 @@ def evaluate_unit(sweep_dir: Path, spec: SweepSpec, member: Member, seed: int, *
     extra: dict[str, Any] = {}
     if spec.metrics == (POINTS_METRIC,):
         from fewstep.data import load_dataset
-        from fewstep.evaluate import evaluate_points
+        from fewstep.evaluate_points import evaluate_points
 
         held_out = load_dataset(dataclasses.replace(cfg.data, split="test"))
         detail = evaluate_points(objective, held_out, run_dir, nfes=spec.nfe, num=spec.num, weights=weights,
@@ -224,7 +224,7 @@ def evaluate_unit(sweep_dir: Path, spec: SweepSpec, member: Member, seed: int, *
             shutil.copyfile(run_dir / "samples" / "scatter.png", grid_path(sweep_dir, member))
     else:
         import fewstep.metrics.classifier  # noqa: F401  (registers fmnist-classifier)
-        from fewstep.eval import evaluate_fid
+        from fewstep.evaluate_images import evaluate_fid
 
         batch = eval_batch or (256 if device.type == "cuda" else 64)
         out = run_dir / "fid.json" if final else run_dir / "evals" / f"fid-{ckpt.step:08d}.json"

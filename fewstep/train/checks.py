@@ -19,7 +19,7 @@ from fewstep.data.base import check_data_config
 RESUMABLE_CHANGES = {"train.total_kimg", "train.status_kimg", "train.checkpoint_kimg", "train.sample_kimg",
                      "train.keep_checkpoints", "train.max_bad_steps", "train.max_minutes", "train.compile",
                      "train.compile_tuning", "train.activation_checkpointing", "train.checkpoint_blocks",
-                     "train.distributed", "train.cpu_threads", "data.num_workers", "data.root", "sample.nfe",
+                     "train.distributed", "train.batch_per_gpu", "train.cpu_threads", "data.num_workers", "data.root", "sample.nfe",
                      "sample.num_images", "sample.weights", "sample.guidance", "train.trackers", "train.tracker_project"}
 
 

@@ -93,7 +93,7 @@ class SampleGrids:
 class PointsReport:
     """For point data (``toy2d``): nothing at intervals; at the end ``metrics.json`` (sliced Wasserstein-2
     per ``sample.nfe`` against held-out test points, and the noise floor) and ``samples/scatter.png``
-    (:func:`fewstep.evaluate.evaluate_points`)."""
+    (:func:`fewstep.evaluate_points.evaluate_points`)."""
 
     def __init__(self, ctx: ReportContext):
         self.ctx = ctx
@@ -103,7 +103,7 @@ class PointsReport:
 
     def final(self, step: int) -> None:
         from fewstep.data import load_dataset
-        from fewstep.evaluate import evaluate_points
+        from fewstep.evaluate_points import evaluate_points
 
         ctx, s = self.ctx, self.ctx.cfg.sample
         objective = ctx.sampling_objective()

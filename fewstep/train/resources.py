@@ -7,20 +7,18 @@ forward runs on fake tensors (``torch._subclasses.FakeTensorMode``) for one and 
 saved-tensor hook adds up what autograd keeps for backward (each storage once, parameters excluded).
 An objective whose step branches on tensor values (ECT tests whether a whole batch is at the boundary)
 cannot run on fake tensors; then one forward of its backbone with gradients is measured, the least any
-objective keeps.
-With the fp32 weights of every copy (online net, EMA tracks, teacher), the gradients and AdamW's two
-moments, that is a lower bound of the step's peak: on CPU the measured peak was 1.1–1.9× the kept
-activations (TVM on DiT-B and on the smoke DiT, flow matching on the smoke DiT), so a run is refused
-when even the lower bound does not fit, and warned about when twice the activations would not.
+objective keeps. With the fp32 weights of every copy (online net, EMA tracks, teacher), the gradients
+and AdamW's two moments, that is a lower bound of the step's peak (the measured CPU peaks above it are
+in docs/speed.md, "CPU memory"), so a run is refused when even the lower bound does not fit, and warned
+about when twice the activations would not.
 
 **Threads (CPU runs).** PyTorch's default of one OpenMP thread per core is fastest on an idle machine
-and disastrous on a busy one: threads that wait for a descheduled sibling spin. On a 2-core machine
-with both cores busy, a toy2d step took 3.4× longer with two threads than with one, a smoke-DiT step
-2.6–6×; on the idle machine two threads were 1.3–1.9× faster. ``train.cpu_threads`` sets the count;
-``None`` (auto) honours ``OMP_NUM_THREADS`` when it is set, and otherwise takes the cores this process
-may use, less the load average of other work, split over this host's processes (at least one). A
-matmul's rounding depends on how many threads split it, so checkpoints record the count and a resumed
-run uses it again (bit-exact resumption on CPU); runs compared bit for bit need the same count.
+and much slower on a busy one, where threads that wait for a descheduled sibling spin (docs/speed.md,
+"CPU threads"). ``train.cpu_threads`` sets the count; ``None`` (auto) honours ``OMP_NUM_THREADS`` when it
+is set, and otherwise takes the cores this process may use, less the load average of other work, split
+over this host's processes (at least one). A matmul's rounding depends on how many threads split it, so
+checkpoints record the count and a resumed run uses it again (bit-exact resumption on CPU); runs compared
+bit for bit need the same count.
 """
 from __future__ import annotations
 
@@ -39,7 +37,8 @@ from fewstep.files import size_text
 log = logging.getLogger(__name__)
 
 # Smaller models are not measured (their step fits any machine at any sensible batch; the smallest GPU
-# recipe's DiT-S/2 has 33 M): it saves the fake forward, and keeps tests that count forward calls exact.
+# recipe's DiT-S/2 is several times larger): it saves the fake forward, and keeps tests that count forward
+# calls exact.
 MEASURE_ABOVE = 5_000_000   # trainable parameters
 CPU_RECIPES = "--recipe smoke (Fashion-MNIST, a few minutes) or --recipe toy2d (2-D points, about a minute)"
 
