@@ -102,16 +102,10 @@ def init_from_run(objective: Objective, source: str | os.PathLike) -> str:
     if not state:
         raise CheckpointError(f"init_from {source}: checkpoint {ckpt.path} has no {weights!r} weights "
                               f"(no tensors under {prefix!r})")
-    own = objective.backbone.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{name} {items[:3]}{'…' if len(items) > 3 else ''}"
-                 for name, items in (("missing here", unexpected), ("missing in the source", missing),
-                                     ("shape (source vs here)", shapes)) if items]
-        raise CheckpointError(f"init_from {source}: the source backbone does not fit this one ({'; '.join(parts)}); "
+    differences = state_mismatch(objective.backbone.state_dict(), state, ("missing in the source", "missing here",
+                                                                          "shape (source vs here)"))
+    if differences:
+        raise CheckpointError(f"init_from {source}: the source backbone does not fit this one ({differences}); "
                               f"start from a run of the same backbone (flavour, width, patch, classes and "
                               f"embedders; a dmf run converts an fm run of the same DiT)")
     copies = [objective.backbone, *objective.ema.values(), *(m for m, _ in objective.teacher_tracks())]
@@ -183,16 +177,23 @@ def load_state(objective: Objective, ckpt: Checkpoint, what: str = "the configur
     """Load ``ckpt``'s objective tensors into ``objective``; any missing, unexpected or mis-shaped
     tensor is a :class:`CheckpointError` naming the checkpoint and the first offending keys."""
     state = ckpt.tensors("objective.safetensors")
-    own = objective.state_dict()
+    differences = state_mismatch(objective.state_dict(), state)
+    if differences:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not match {what}: {differences}")
+    objective.load_state_dict(state)
+
+
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                   names: tuple[str, str, str] = ("missing", "unexpected", "shape")) -> str:
+    """How ``state`` fails to fit a module whose state dict is ``own``, ``""`` when it fits: under ``names``,
+    the first keys ``own`` has and ``state`` lacks, those only ``state`` has, and those whose shapes differ
+    (``state``'s vs ``own``'s)."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{name} {items[:4]}{'…' if len(items) > 4 else ''}"
-                 for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
-        raise CheckpointError(f"checkpoint {ckpt.path} does not match {what}: {'; '.join(parts)}")
-    objective.load_state_dict(state)
+    return "; ".join(f"{name} {items[:4]}{'…' if len(items) > 4 else ''}"
+                     for name, items in zip(names, (missing, unexpected, shapes)) if items)
 
 
 # Config fields whose value is a dict (EMA tracks by name): compared as one value.

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import (eval_mode, interpolate, jump, logit_normal, mean_flat, per_sample, rand, randn,
-                                       renoise)
+from fewstep.objectives.common import (eval_mode, flow_map_step, interpolate, logit_normal, mean_flat, per_sample,
+                                       rand, randn)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
 
@@ -293,9 +293,5 @@ class AlphaFlow(Objective):
         if cond.guidance is not None and bool((cond.guidance != 1).any()):
             raise ValueError(f"alphaflow bakes guidance into training (effective scale "
                              f"{self.config.omega / (1 - self.config.kappa):g}); sample with guidance 1 or None")
-        net = net if net is not None else self.backbone
-        if self.config.sampler == "trajectory":
-            return jump(x, t, s, net(x, t.to(x.dtype), s.to(x.dtype), y=cond.y))
-        zero = torch.zeros_like(t)
-        x0 = jump(x, t, zero, net(x, t.to(x.dtype), zero.to(x.dtype), y=cond.y))
-        return renoise(x0, s, noise, "consistency sampling")
+        return flow_map_step(net if net is not None else self.backbone, x, t, s, cond.y, noise,
+                             restart=self.config.sampler == "consistency", who="consistency sampling")

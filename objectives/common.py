@@ -101,6 +101,18 @@ def jump(x: Tensor, t: Tensor, s: Tensor, u: Tensor) -> Tensor:
     return x - per_sample(t - s, x).to(x.dtype) * u.to(x.dtype)
 
 
+def flow_map_step(net: nn.Module, x: Tensor, t: Tensor, s: Tensor, y: Tensor | None, noise: Tensor | None,
+                  restart: bool, who: str) -> Tensor:
+    """One sampling jump of a two-time network u(x, t, s) (average velocity over [s, t]): straight to s,
+    x_s = x_t − (t − s)·u(x_t, t, s); or (``restart``) to the data end, x̂₀ = x_t − t·u(x_t, t, 0), then
+    re-noised to s (:func:`renoise`). x (B, C, H, W); t, s (B,)."""
+    if not restart:
+        return jump(x, t, s, net(x, t.to(x.dtype), s.to(x.dtype), y=y))
+    zero = torch.zeros_like(t)
+    x0 = jump(x, t, zero, net(x, t.to(x.dtype), zero.to(x.dtype), y=y))
+    return renoise(x0, s, noise, who)
+
+
 def renoise(x0: Tensor, s: Tensor, noise: Tensor | None, who: str) -> Tensor:
     """(1 − s)·x̂₀ + s·noise: a data-end prediction x̂₀ re-noised to time s (consistency and restart
     samplers); x̂₀ itself when no noise is given and every s is 0. ``who`` names the sampler in errors."""

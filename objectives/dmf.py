@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from fewstep.backbones.layers import timestep_embedding
 from fewstep.config import ObjectiveConfig, require
 from fewstep.contracts import Condition, LossOutput, Objective, ObjectiveNeeds
-from fewstep.objectives.common import (drop_labels, eval_mode, interpolate, jump, logit_normal, mean_flat, per_sample,
-                                       randn, renoise)
+from fewstep.objectives.common import (drop_labels, eval_mode, flow_map_step, interpolate, logit_normal,
+                                       mean_flat, per_sample, randn)
 from fewstep.objectives.jvp import backbone_jvp
 from fewstep.registry import objectives
 
@@ -242,9 +242,5 @@ class DMF(Objective):
         if cond.guidance is not None and bool((cond.guidance != 1).any()):
             raise ValueError(f"dmf bakes model guidance into training (effective scale "
                              f"{1 / (1 - self.config.guidance):g}); sample with guidance 1 or None")
-        net = net if net is not None else self.backbone
-        if self.config.sampler == "euler":
-            return jump(x, t, s, net(x, t.to(x.dtype), s.to(x.dtype), y=cond.y))
-        zero = torch.zeros_like(t)
-        x0 = jump(x, t, zero, net(x, t.to(x.dtype), zero.to(x.dtype), y=cond.y))
-        return renoise(x0, s, noise, "restart sampling")
+        return flow_map_step(net if net is not None else self.backbone, x, t, s, cond.y, noise,
+                             restart=self.config.sampler == "restart", who="restart sampling")

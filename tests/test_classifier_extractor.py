@@ -10,7 +10,8 @@ import torch
 
 from fewstep.data.base import u8_to_float
 from fewstep.metrics import FeatureStats, frechet_distance, make_extractor
-from fewstep.metrics.classifier import (WEIGHTS, ClassifierWeightsError, FashionClassifierExtractor, file_sha256,
+from fewstep.files import sha256_of
+from fewstep.metrics.classifier import (WEIGHTS, ClassifierWeightsError, FashionClassifierExtractor,
                                         load_classifier, record_path)
 from fewstep.registry import extractors
 
@@ -27,7 +28,7 @@ def real_test_split():
 
 def test_shipped_weights_match_their_record():
     record = json.loads(record_path(WEIGHTS).read_text())
-    assert file_sha256(WEIGHTS) == record["sha256"]
+    assert sha256_of(WEIGHTS) == record["sha256"]
     assert WEIGHTS.stat().st_size == record["bytes"] < 2 * 2**20
     assert record["feature_dim"] == 128 and record["test_accuracy"] >= 0.90
     ex = make_extractor("fmnist-classifier")

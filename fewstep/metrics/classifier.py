@@ -14,7 +14,6 @@ file's SHA-256 against the record and refuses a mismatch.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fewstep.files import sha256_of
 from fewstep.metrics.extractors import FeatureExtractor
 from fewstep.registry import extractors
 
@@ -66,14 +66,6 @@ class FashionClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def record_path(weights: str | os.PathLike) -> Path:
     """The JSON record beside a weights file (``x.safetensors`` → ``x.json``)."""
     return Path(weights).with_suffix(".json")
@@ -95,7 +87,7 @@ def load_classifier(path: str | os.PathLike | None = None, device: torch.device 
         raise ClassifierWeightsError(f"fmnist-classifier: {missing} is missing; the weights ship with fewstep "
                                      "(reinstall it) or are made by scripts/train-fmnist-classifier.py")
     record = json.loads(record_file.read_text())
-    sha = file_sha256(path)
+    sha = sha256_of(path)
     if sha != record.get("sha256"):
         raise ClassifierWeightsError(f"fmnist-classifier: {path} has SHA-256 {sha}, but {record_file} records "
                                      f"{record.get('sha256')}; the file was changed or truncated. Reinstall "

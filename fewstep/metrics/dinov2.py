@@ -15,7 +15,6 @@ output of DINOv2's ``forward`` with its identity head. Position embeddings train
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewstep.files import sha256_of
 from fewstep.metrics.extractors import FeatureExtractor
 from fewstep.registry import extractors
 
@@ -154,14 +154,6 @@ def build_from_state(state: dict[str, Tensor], heads: int | None = None) -> Dino
     return net.eval()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @extractors.register("dinov2", summary="DINOv2 ViT (user-provided weights, e.g. dinov2_vitl14): FD-DINOv2 as EDM2, "
                      "bicubic resize to 224, class-token features")
 class DinoV2Extractor(FeatureExtractor):
@@ -188,7 +180,7 @@ class DinoV2Extractor(FeatureExtractor):
             raise DinoV2WeightsError(f"DINOv2 weights not found at {self.path}")
         self.device = torch.device(device)
         self.net = build_from_state(load_state(self.path), heads).to(self.device)
-        self.sha256 = file_sha256(self.path)
+        self.sha256 = sha256_of(self.path)
         self.feature_dim = self.net.norm.weight.shape[0]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(self.device), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(self.device), persistent=False)

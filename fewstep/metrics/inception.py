@@ -15,11 +15,12 @@ already-resized images; output (N, 2048) pool features, the same network and nor
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from fewstep.files import sha256_of
 
 ENV_VAR = "FEWSTEP_INCEPTION"
 CACHE_NAME = "fid-inception.pt"
@@ -84,11 +85,7 @@ def sha256_file(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = sha256_of(path)
     return _SHA_CACHE[key]
 
 
