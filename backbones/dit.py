@@ -65,7 +65,40 @@ def aux_depth(cfg: BackboneConfig, depth: int) -> int:
 
 
 @dataclass(kw_only=True)
-class DiTConfig(BackboneConfig):
+class ConditioningConfig(BackboneConfig):
+    """The conditioning switches of every fewstep backbone (the DiT and the point MLP); the trainer sets
+    them from the objective's needs (:func:`fewstep.build.resolve`).
+
+    Attributes:
+        gap_embedder: the backbone takes a second time s (two-time objectives); with ``time_mode`` t+h
+            or h a second sinusoidal MLP embeds the gap t − s, with t+s it embeds s, with split there is
+            no second embedder.
+        guidance_embedder: embed a per-sample guidance scalar (TVM feeds β = 1/w).
+        time_scale: times, gaps and guidance are multiplied by this before the sinusoid (1: raw [0, 1]
+            as TVM; 1000: original DiT).
+        time_mode: how a two-time call embeds (t, s): ``t+h``, ``h``, ``t+s`` or ``split``
+            (:data:`fewstep.backbones.inputs.TIME_MODES`).
+        split_depth: with ``split``, blocks 0 … split_depth − 1 see t and the rest (and the final layer)
+            see s; ``None``: round(0.7·depth) (DMF: 20 of 28).
+        conditions: names of extra per-sample scalar conditions, each embedded by its own sinusoidal MLP
+            and added to the conditioning (iMF: ``omega``, ``t_min``, ``t_max``).
+        aux_head: a second output head (``head="aux"`` or ``"both"``): the last ``aux_head_depth`` blocks
+            and the final layer are duplicated, the blocks before them are shared (iMF's v-head).
+        aux_head_depth: blocks per head; ``None``: max(1, depth // 6) (iMF XL/2: 8 of 48).
+    """
+
+    gap_embedder: bool = False
+    guidance_embedder: bool = False
+    time_scale: float = 1.0
+    time_mode: Literal["t+h", "h", "t+s", "split"] = "t+h"
+    split_depth: int | None = None
+    conditions: tuple[str, ...] = ()
+    aux_head: bool = False
+    aux_head_depth: int | None = None
+
+
+@dataclass(kw_only=True)
+class DiTConfig(ConditioningConfig):
     """DiT architecture. Defaults are DiT-S/2 as in the original paper (xavier init, LayerNorm).
 
     Attributes:
@@ -82,23 +115,7 @@ class DiTConfig(BackboneConfig):
             treated flattened; biases 0.
         time_init: time/gap/guidance MLPs ``normal`` N(0, 0.02) or ``spectral``; ``spectral-released``
             needs ``normal`` (the released code's spectral time init never reaches the model).
-        gap_embedder: the backbone takes a second time s (two-time objectives); with
-            ``time_mode`` t+h or h a second sinusoidal MLP embeds the gap t − s, with t+s it embeds s,
-            with split there is no second embedder.
-        guidance_embedder: embed a per-sample guidance scalar (TVM feeds β = 1/w).
-        time_scale: times, gaps and guidance are multiplied by this before the sinusoid
-            (1: raw [0, 1] as TVM; 1000: original DiT).
-        time_mode: how a two-time call embeds (t, s): ``t+h``, ``h``, ``t+s`` or ``split``
-            (:data:`fewstep.backbones.inputs.TIME_MODES`); the trainer sets it from the objective.
-        split_depth: with ``split``, blocks 0 … split_depth − 1 see t and the rest (and the final
-            layer) see s; ``None``: round(0.7·depth) (DMF: 20 of 28).
-        conditions: names of extra per-sample scalar conditions, each embedded by its own sinusoidal
-            MLP and added to the conditioning (iMF: ``omega``, ``t_min``, ``t_max``); the trainer sets
-            them from the objective.
-        aux_head: a second output head (``head="aux"`` or ``"both"``): the last ``aux_head_depth``
-            blocks and the final layer are duplicated, the blocks before them are shared (iMF's
-            v-head); the trainer sets it from the objective.
-        aux_head_depth: blocks per head; ``None``: max(1, depth // 6) (iMF XL/2: 8 of 48).
+        gap_embedder … aux_head_depth: the conditioning switches (:class:`ConditioningConfig`).
     """
 
     name: str = "dit-s"
@@ -112,14 +129,6 @@ class DiTConfig(BackboneConfig):
     mod_norm: bool = False
     init: Literal["xavier", "spectral", "spectral-released"] = "xavier"
     time_init: Literal["normal", "spectral"] = "normal"
-    gap_embedder: bool = False
-    guidance_embedder: bool = False
-    time_scale: float = 1.0
-    time_mode: Literal["t+h", "h", "t+s", "split"] = "t+h"
-    split_depth: int | None = None
-    conditions: tuple[str, ...] = ()
-    aux_head: bool = False
-    aux_head_depth: int | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from fewstep.backbones.dit import aux_depth, check_family_build, check_head, family_checks
+from fewstep.backbones.dit import ConditioningConfig, aux_depth, check_family_build, check_head, family_checks
 from fewstep.backbones.inputs import check_conditioning, condition_vector, split_index
 from fewstep.backbones.layers import EPS, FREQUENCY_DIM, TimestepEmbedder
 from fewstep.config import BackboneConfig, require
@@ -29,33 +28,20 @@ from fewstep.registry import backbones
 
 
 @dataclass(kw_only=True)
-class MLPConfig(BackboneConfig):
+class MLPConfig(ConditioningConfig):
     """Residual-MLP architecture.
 
     Attributes:
         width: hidden width W of every layer and of the conditioning vector.
         depth: number of residual blocks (each two W×W layers plus a W → 2W modulation).
-        gap_embedder: the backbone takes a second time s (two-time objectives), embedded as
-            ``time_mode`` says.
-        guidance_embedder: embed a per-sample guidance scalar (TVM feeds β = 1/w).
-        time_scale: times, gaps and guidance are multiplied by this before the sinusoid
-            (1: raw [0, 1] values as TVM; 1000: original DiT). Same meaning as the DiT's.
-        time_mode, split_depth, conditions, aux_head, aux_head_depth: as the DiT's
-            (:class:`fewstep.backbones.dit.DiTConfig`); blocks are the residual blocks, the output layer
-            is the final layer.
+        gap_embedder … aux_head_depth: the conditioning switches
+            (:class:`fewstep.backbones.dit.ConditioningConfig`); blocks are the residual blocks, the
+            output layer is the final layer.
     """
 
     name: str = "mlp"
     width: int = 256
     depth: int = 3
-    gap_embedder: bool = False
-    guidance_embedder: bool = False
-    time_scale: float = 1.0
-    time_mode: Literal["t+h", "h", "t+s", "split"] = "t+h"
-    split_depth: int | None = None
-    conditions: tuple[str, ...] = ()
-    aux_head: bool = False
-    aux_head_depth: int | None = None
 
     def __post_init__(self) -> None:
         require([(self.width >= 1, f"width must be ≥ 1, got {self.width}"),
