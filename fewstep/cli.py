@@ -257,7 +257,7 @@ def export(
     try:
         if push_to_hub:
             check_hub(push_to_hub)   # offline: fail before any work
-        export_model(run, out, weights=weights, grid=grid, device=None if device == "auto" else device)
+        export_model(run, out, weights=weights, grid=grid, device=parse_device(device))
     except USER_ERRORS as exc:
         fail(exc)
     console.print(f"wrote {out} (model.safetensors, config.json, README.md)", highlight=False, markup=False)

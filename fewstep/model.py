@@ -22,14 +22,15 @@ from torch import Tensor
 from fewstep.checkpoints import Checkpoint
 from fewstep.config import RunConfig
 from fewstep.contracts import DataSpec, Objective
-from fewstep.sample import SampleResult, parse_seeds, sample
+from fewstep.sample import SampleResult, parse_device, parse_seeds, sample
 
 
 def default_device(device: torch.device | str | None = None) -> torch.device:
-    """``device``, or CUDA when there is one, else the CPU (``"auto"`` means the same)."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``device``, or CUDA when there is one, else the CPU (``"auto"`` means the same); a device name this
+    build or machine cannot use is one clear error (:func:`fewstep.sample.parse_device`)."""
+    if isinstance(device, torch.device):
+        return device
+    return parse_device(device or "auto")
 
 
 def _seed_list(seeds: Iterable[int] | str | int) -> list[int]:
