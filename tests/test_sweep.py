@@ -374,3 +374,11 @@ def test_sweep_dry_run_checks_every_member_including_those_initialised_from_anot
                                    "--out", str(tmp_path / "s"), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert f"train.init_from: None → '{(tmp_path / 's').resolve() / 'fm' / 'seed-0'}'" in " ".join(res.output.split())
+
+
+def test_a_single_member_is_named_the_only_member_not_the_best():
+    spec = SweepSpec(recipe="toy2d", members=parse_objectives("fm"), nfe=(1,), metrics=("sliced-wasserstein",),
+                     seeds=(0, 1, 2), kimg=1.0)
+    rows = [synthetic_row("fm", k, v) for k, v in enumerate([1.0, 1.01, 0.99])]
+    text = markdown(spec, rows, summarize_members(spec, rows))
+    assert "SW2 @1 NFE: `fm` is the only member" in text and "best `fm`" not in text

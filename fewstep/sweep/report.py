@@ -204,6 +204,8 @@ def best_lines(spec: SweepSpec, members: list[MemberSummary]) -> list[str]:
             label = f"{metric_label(metric)} @{n} NFE"
             if not top:
                 lines.append(f"- {label}: not ranked (fewer than two seeds per member)")
+            elif len(members) == 1:
+                lines.append(f"- {label}: `{top[0]}` is the only member")
             elif len(top) == 1:
                 lines.append(f"- {label}: best `{top[0]}` (its interval lies below every other member's)")
             else:
