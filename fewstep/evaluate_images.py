@@ -251,10 +251,16 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
-def _accelerator():
-    from accelerate import Accelerator
+def _processes():
+    """This process's place among the evaluating processes, and its device.
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    Accelerate's ``PartialState``, not an ``Accelerator``: an ``Accelerator`` fixes the process's mixed
+    precision once and for all, so an evaluation that ran first (a sweep worker resuming at an evaluation
+    point) made the next ``train()`` in bf16 fail with "AcceleratorState has already been initialized".
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def make_reference(data: Any, out: str | os.PathLike, *, extractor: str = "inception",
@@ -281,7 +287,7 @@ def make_reference(data: Any, out: str | os.PathLike, *, extractor: str = "incep
     from fewstep.metrics.protocols import extractor_options as protocol_options
 
     cfg = DataConfig(name=data) if isinstance(data, str) else data
-    acc = _accelerator()
+    acc = _processes()
     dataset = load_dataset(cfg)
     spec = dataset.spec
     if spec.kind != "pixels":
@@ -338,7 +344,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
     from fewstep.metrics.quality import inception_score, precision_recall as pr
 
     get_protocol(protocol)
-    acc = _accelerator()
+    acc = _processes()
     pairs = [(extractor, ref, extractor_options or {})] + [(name, path, {}) for name, path in also]
     extractors = [make_extractor(name, device=acc.device, **{**protocol_options(name, protocol), **opts})
                   for name, _, opts in pairs]                                  # missing weights: fail first

@@ -245,3 +245,19 @@ def test_sample_npz_and_png_round_trip(run_dir, tmp_path):
     assert (png.int() - to_uint8(expected.images[1:2])[0].int()).abs().max() <= 1
     res = runner.invoke(app, ["sample", "--run", str(run_dir), "--format", "tiff", "--out", str(tmp_path / "t")])
     assert res.exit_code == 2 and "--format must be one of grid, npz, png" in " ".join(res.output.split())
+
+
+def test_evaluation_leaves_the_next_training_free_to_choose_its_precision(run_dir, ref_path):
+    """A sweep worker that resumes at an evaluation point evaluates before it trains, in one process: the
+    evaluation must not fix the process's mixed precision, or the bf16 training after it fails with
+    "AcceleratorState has already been initialized" (seen on an H100 sweep)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        evaluate_fid(run_dir, [1], 8, ref_path, batch=8, show_progress=False, **RP)
+        Accelerator(cpu=True, mixed_precision="bf16")   # what train() builds for a bf16 run
+        assert AcceleratorState().mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
