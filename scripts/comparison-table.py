@@ -38,12 +38,15 @@ INIT_FROM = {"dmf": "fm"}
 VARIANTS = [("tvm-released", "tvm", ["backbone.time_init=normal", "backbone.init=spectral-released"]),
             ("meanflow-released", "meanflow", ["objective.label_dropout_samples=first"])]
 
-# The GPU budget, and why: 7 members × 3 seeds = 21 units of DiT-S/2. Measured throughput with five members
-# side by side on one H100 and train.compile=true (docs/sweeps.md): fm 958, ECT 757, sCM 423, MeanFlow 355,
-# TVM 257 img/s. At 60 kimg per unit the 21 units need ≈ 60 000 · Σ 1/rate ≈ 60 000 · 0.054 s / 4 side by side
-# ≈ 14 min of training, plus 3 evaluations per unit (5 000 samples × NFE 1, 2, 4) and compilation per
-# segment: about 25 minutes on one H100, the device time one session has. A longer budget is a rerun with a
-# larger --kimg (the units train on; the curves continue).
+# The GPU budget, and why: 11 members × 3 seeds = 33 units of DiT-S/2 at batch 256 (79 optimizer steps per
+# 20 kimg). Measured on an H100 on 2026-12-06 at 20 kimg with four units side by side and train.compile=true:
+# training img/s per unit fm 1 670, ECT 1 330, Shortcut 1 180, α-Flow 1 000, iMF 630, sCM 580, MeanFlow 530,
+# TVM 480, meanflow-released 410, tvm-released 360, DMF 350; the whole table took ≈ 16 minutes, of which
+# ≈ 5 were training and the rest compilation (every segment) and the evaluations (≈ 22 s per point: 5 000
+# samples at NFE 1, 2 and 4). 20 kimg is far too short: every flow member was still at its initial
+# (noise) output, FD ≈ 666 for all of them. At 60 kimg (235 steps) training takes ≈ 16 minutes, so the
+# table needs ≈ 28 minutes: one session's device time with nothing else run. A longer budget is a rerun
+# with a larger --kimg (the units train on; the curves continue).
 PRESETS = {
     "gpu": dict(recipe="fashion-mnist-sweep", kimg=60.0, eval_every_kimg=20.0, seeds=[0, 1, 2], nfe=[1, 2, 4],
                 metrics=["fmnist-classifier"], num=5000, grid=64, parallel=4,
