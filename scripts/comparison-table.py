@@ -19,7 +19,9 @@ plus (where the recipe's backbone has the switch: not on the toy MLP) ``tvm-rele
 dropout). Schedules in images: the GPU and toy recipes scale them already (``fashion-mnist-sweep`` to
 300 kimg, ``toy2d`` to 1 000 kimg, so a lengthened table stays valid); the ``smoke`` recipe keeps the papers'
 values, so ``cpu-fmnist`` scales them to its 12 kimg (ECT's gap halving every 1/8, sCM's tangent warm-up over
-the first 10 %), fixed in the sweep file so that a rerun with a larger --kimg is the same sweep.
+the first 10 %, α-Flow's α: 1 → 0 over all of it), fixed in the sweep file so that a rerun with a larger --kimg
+is the same sweep. (The table of docs/results/cpu-seeds-2026-12-06/ was made before α-Flow was scaled; its
+α-Flow with the scaled curriculum is the separate ``alphaflow-12`` table there.)
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ def members(recipe: str, schedule_kimg: float | None) -> list[dict]:
         fields = {f.name for f in dataclasses.fields(default_objective_config(m["objective"]))}
         scaled = [f"objective.stage_kimg={kimg / 8:g}"] if "stage_kimg" in fields else []
         scaled += [f"objective.warmup_kimg={kimg / 10:g}"] if "warmup_kimg" in fields else []
+        scaled += (["objective.alpha_start_kimg=0", f"objective.alpha_end_kimg={kimg:g}"]
+                   if "alpha_end_kimg" in fields else [])
         if scaled:
             m["overrides"] = m.get("overrides", []) + scaled
     return out

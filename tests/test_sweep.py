@@ -81,6 +81,7 @@ def test_two_objectives_two_seeds_write_per_seed_rows_means_intervals_and_skip_w
     assert "| member | SW2 @1 NFE | SW2 @2 NFE | kimg | TFLOP | img/s | CPU-min | peak GiB |" in table
     assert "Budget: equal images: 2.56 kimg per member. Training seeds: 0, 1" in table
     assert "## Per seed" in table and "| fm | 1 |" in table and "Noise floor" in table and " ± " in table
+    assert "peak GPU memory allocated by training (not measured on a CPU: –)." in table
     assert read_rgb(out / "metric_vs_nfe.png").shape[2] == 3
     assert read_rgb(out / "loss_curves.png").shape[1] == 2 * 400        # one panel per member, side by side
     rows = collect(out, spec)

@@ -266,7 +266,8 @@ def markdown(spec: SweepSpec, rows: list[Row], members: list[MemberSummary]) -> 
     lines += ["", "kimg, TFLOP, minutes: of the evaluated checkpoint (TFLOP: training model FLOPs, images seen × the "
               "objective's FLOPs per image), mean over seeds; img/s: median training images per second over the status "
               f"log; {'GPU' if gpu else 'CPU'}-min: training wall-clock summed over resumes (units that ran side by side "
-              "on one device shared it); peak GiB: peak GPU memory allocated by training.",
+              "on one device shared it); peak GiB: peak GPU memory allocated by training"
+              + ("." if gpu else " (not measured on a CPU: –)."),
               "Files: `results.csv` (per-seed rows and the summaries), `metric_vs_nfe.png`, `loss_curves.png`"
               + (", `learning_curves.png`" if spec.eval_every_kimg else "")
               + f", `samples-<member>.png` (first seed; one block per NFE, sample seeds 0–{spec.grid - 1}), runs in "
