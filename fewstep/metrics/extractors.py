@@ -116,6 +116,8 @@ class CleanResize(nn.Module):
     ``build_resizer("clean")`` (PIL bicubic, mode ``F``, clipped) up to float32 round-off: the horizontal
     pass first, rounded to float32 as PIL stores it, then the vertical pass, both accumulated in float64."""
 
+    weights = staticmethod(pil_bicubic_weights)   # (out_size, in_size) float64 matrix of one axis
+
     def __init__(self, size: int = 299):
         super().__init__()
         self.size = size
@@ -124,7 +126,7 @@ class CleanResize(nn.Module):
     def _w(self, n: int, device: torch.device) -> Tensor:
         key = (n, str(device))
         if key not in self._weights:
-            self._weights[key] = pil_bicubic_weights(n, self.size).to(device)
+            self._weights[key] = self.weights(n, self.size).to(device)
         return self._weights[key]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -160,11 +162,7 @@ class TF1BilinearResize(CleanResize):
     centres) as two matrix products accumulated in float64 (:func:`tf1_bilinear_weights`). Bilinear
     weights are convex, so the output stays in [0, 255] without clipping."""
 
-    def _w(self, n: int, device: torch.device) -> Tensor:
-        key = (n, str(device))
-        if key not in self._weights:
-            self._weights[key] = tf1_bilinear_weights(n, self.size).to(device)
-        return self._weights[key]
+    weights = staticmethod(tf1_bilinear_weights)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
