@@ -36,7 +36,7 @@ from fewstep.files import write_atomic, write_json
 from fewstep.images import to_uint8
 from fewstep.metrics.extractors import FeatureExtractor, make_extractor
 from fewstep.metrics.fid import FeatureStats, frechet_distance
-from fewstep.sample import sample
+from fewstep.sample import sample, sampling_autocast
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def evaluate_fid(run: str | os.PathLike, nfes: Sequence[int], num: int, ref: str
                      f"the run trained on {cfg.data.name!r}")
         references.append(reference)
     weights = weights or cfg.sample.weights
-    autocast = acc.device.type == "cuda" and cfg.train.precision == "bf16"
+    autocast = sampling_autocast(acc.device, cfg)
     seeds = list(range(seed, seed + num))
     results = [{"fid": {}} for _ in extractors]
     body: dict[str, Any] = {"evaluations": {}, "seconds": {}, "images_per_second": {}}

@@ -22,7 +22,7 @@ from torch import Tensor
 from fewstep.checkpoints import Checkpoint
 from fewstep.config import RunConfig
 from fewstep.contracts import DataSpec, Objective
-from fewstep.sample import SampleResult, parse_device, parse_seeds, sample
+from fewstep.sample import SampleResult, parse_device, parse_seeds, sample, sampling_autocast
 
 
 def default_device(device: torch.device | str | None = None) -> torch.device:
@@ -69,8 +69,8 @@ class Model:
 
     @property
     def autocast(self) -> bool:
-        """bf16 autocast on CUDA for runs trained in bf16 (as ``fewstep eval`` and training grids)."""
-        return self.device.type == "cuda" and self.config.train.precision == "bf16"
+        """bf16 autocast on CUDA for runs trained in bf16 (:func:`fewstep.sample.sampling_autocast`)."""
+        return sampling_autocast(self.device, self.config)
 
     def decoder(self) -> Callable[[Tensor], Tensor]:
         """Samples → uint8 images (the VAE for latents, loaded on first use)."""

@@ -71,6 +71,13 @@ def output_decoder(data: Any, spec: DataSpec | dict, *, device: torch.device | s
     return LatentDecoder(latent_format_for(data), vae=vae, device=device, rounding=proto.latents)
 
 
+def sampling_autocast(device: torch.device, cfg: Any) -> bool:
+    """Whether to sample under bf16 autocast: on CUDA, for runs trained in bf16 (``cfg``: the run's
+    :class:`~fewstep.config.RunConfig`). Training grids, ``fewstep eval``, sweeps and :func:`fewstep.load`
+    all sample this way, so their images agree."""
+    return torch.device(device).type == "cuda" and cfg.train.precision == "bf16"
+
+
 def parse_device(text: str) -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked against this build
     and machine, so a device it cannot use is one clear error instead of a failure deep inside torch."""

@@ -225,6 +225,7 @@ def evaluate_unit(sweep_dir: Path, spec: SweepSpec, member: Member, seed: int, *
     else:
         import fewstep.metrics.classifier  # noqa: F401  (registers fmnist-classifier)
         from fewstep.evaluate_images import evaluate_fid
+        from fewstep.sample import sampling_autocast
 
         batch = eval_batch or (256 if device.type == "cuda" else 64)
         out = run_dir / "fid.json" if final else run_dir / "evals" / f"fid-{ckpt.step:08d}.json"
@@ -235,7 +236,7 @@ def evaluate_unit(sweep_dir: Path, spec: SweepSpec, member: Member, seed: int, *
         scores = {first: detail["fid"], **{m: detail["also"][m]["fid"] for m in others}}
         if final and seed == spec.seeds[0]:
             write_grid(objective, spec, grid_path(sweep_dir, member), weights, guidance,
-                       autocast=device.type == "cuda" and cfg.train.precision == "bf16")
+                       autocast=sampling_autocast(device, cfg))
         extra.update(sample_images_per_second=detail["images_per_second"], evaluations=detail["evaluations"])
     nimg = int(ckpt.field("nimg"))
     point = {"step": ckpt.step, "nimg": nimg, "kimg": nimg / 1000, "target_kimg": target_kimg,

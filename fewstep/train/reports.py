@@ -21,7 +21,7 @@ from fewstep.config import RunConfig
 from fewstep.files import describe_os_error
 from fewstep.images import make_grid
 from fewstep.plots import step_label, write_grid
-from fewstep.sample import output_decoder, sample
+from fewstep.sample import output_decoder, sample, sampling_autocast
 from fewstep.train.status import StatusLog
 from fewstep.train.trackers import Trackers
 
@@ -78,7 +78,7 @@ class SampleGrids:
         if objective is None:   # not rank 0
             return
         seeds = list(range(s.num_images))
-        autocast = ctx.device.type == "cuda" and ctx.cfg.train.precision == "bf16"
+        autocast = sampling_autocast(ctx.device, ctx.cfg)
         blocks = [self.to_pixels(sample(objective, seeds, nfe, weights=s.weights, guidance=s.guidance,
                                         autocast=autocast).images) for nfe in s.nfe]
         try:
